@@ -1,0 +1,242 @@
+"""`params.yaml` -> frozen, typed dataclasses.
+
+The file is parsed once per process (`load_params`). Unknown keys and values of the wrong type are
+errors that name the offending key and list the valid ones, so a typo never silently falls back to
+a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A problem in params.yaml (unknown key, wrong type, bad value)."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic dataset in Pommier's format (see `chromoseg.data.synth`)."""
+
+    n_images: int = 13434
+    seed: int = 13434
+    size: int = 88
+    out: str = "data/raw/LowRes_13434_overlapping_pairs.h5"
+    # Geometry, at the LowRes scale (pixels): chromosome width and length ranges.
+    width_range: tuple[float, float] = (9.0, 13.0)
+    length_range: tuple[float, float] = (24.0, 62.0)
+    # Fraction of pairs that only touch or lie close without overlapping (as in real data).
+    touching_fraction: float = 0.1
+    # Number of distinct source chromosomes that pairs are drawn from (leakage-free split groups).
+    n_sources: int = 460
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    raw: str = "data/raw/LowRes_13434_overlapping_pairs.h5"
+    key: str = "auto"
+    out_dir: str = "data/prepared"
+    label_policy: Literal["none", "drop", "repair"] = "repair"
+    split: Literal["index", "group"] = "index"
+    test_fraction: float = 0.2
+    val_size: int = 200
+    max_images: int = 0
+    metrics: str = "metrics/prepare.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    encoder_depth: int = 5
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    epochs: int = 40
+    samples_per_epoch: int = 1000
+    batch_size: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler: Literal["none", "cosine", "onecycle"] = "cosine"
+    loss: Literal["ce", "dice", "ce+dice"] = "ce"
+    class_weights_combined: tuple[float, ...] = (0.1, 1.0, 10.0)
+    class_weights_4: tuple[float, ...] = (0.1, 1.0, 1.0, 10.0)
+    augment: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    num_threads: int = 0
+    out_dir: str = "models"
+    metrics: str = "metrics/train.json"
+    history: str = "plots/train_history.csv"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 64
+    n_overlays: int = 16
+    out: str = "metrics/eval.json"
+    plots_dir: str = "plots"
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str = "chromoseg-unet"
+    alias: str = "champion"
+    metric: str = "dice"
+    out: str = "metrics/register.json"
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "chromoseg"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 2017
+    combine_label: bool = True
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    @property
+    def n_classes(self) -> int:
+        return 3 if self.combine_label else 4
+
+    def flat(self) -> dict[str, Any]:
+        """All parameters as one flat `section.key -> value` map (for MLflow)."""
+        return flatten(dataclasses.asdict(self))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Validate `value` against annotation `tp`, converting lists to tuples. Raise ConfigError."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'params'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        place = f"section '{where}'" if where else "the top level"
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {place} of {PARAMS_FILE}; valid keys: {valid}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{where}.{name}" if where else name
+        kwargs[name] = _check_type(value, hints[name], sub)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "_validate", None)
+    if validate:
+        validate()
+    return obj
+
+
+def params_from_dict(data: dict[str, Any]) -> Params:
+    params = _build(Params, data, "")
+    _validate(params)
+    return params
+
+
+def _validate(p: Params) -> None:
+    if p.train.epochs < 1 or p.train.batch_size < 1 or p.train.samples_per_epoch < 1:
+        raise ConfigError("train.epochs, train.batch_size and train.samples_per_epoch must be >= 1")
+    if not 0.0 < p.prepare.test_fraction < 1.0:
+        raise ConfigError(f"prepare.test_fraction must be in (0, 1), got {p.prepare.test_fraction}")
+    if len(p.train.class_weights_combined) != 3:
+        raise ConfigError("train.class_weights_combined needs 3 values (background, chromosome, overlap)")
+    if len(p.train.class_weights_4) != 4:
+        raise ConfigError("train.class_weights_4 needs 4 values (background, A, B, overlap)")
+    if p.synth.n_images < 1:
+        raise ConfigError(f"synth.n_images must be >= 1, got {p.synth.n_images}")
+
+
+def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml. Raise ConfigError with a fix-it message on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such parameter file; run from the project root or pass --params")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    try:
+        return params_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from exc
+
+
+def class_names(combine_label: bool) -> tuple[str, ...]:
+    """Class names in label order; stable, other tools read them from metrics/eval.json."""
+    if combine_label:
+        return ("background", "chromosome", "overlap")
+    return ("background", "chromosome_a", "chromosome_b", "overlap")
