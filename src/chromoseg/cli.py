@@ -119,5 +119,145 @@ def register(params: ParamsOpt = Path("params.yaml")) -> None:
     run_guarded(run_register, _params(params))
 
 
+@app.command()
+def bench(
+    params: ParamsOpt = Path("params.yaml"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Few iterations (well under a minute).")] = False,
+    preset: Annotated[
+        str | None, typer.Option(help="Model size from chromoseg.bench.PRESETS instead of params' train.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Intra-op threads (0: all cores).")] = 0,
+    sweep: Annotated[
+        str | None, typer.Option(help="Comma-separated presets: every precision/backend variant per size.")
+    ] = None,
+    backends: Annotated[
+        bool, typer.Option("--backends", help="Check torch/onnx/compile outputs and speed against fp32.")
+    ] = False,
+    emulate_avx2: Annotated[
+        bool, typer.Option("--emulate-avx2", help="Cap oneDNN/ATen at AVX2 (stand-in for AVX2-only CPUs).")
+    ] = False,
+    isolate: Annotated[
+        bool, typer.Option(help="One subprocess per phase (exact peak RSS per phase); off: faster start.")
+    ] = True,
+) -> None:
+    """CPU throughput: naive fp32 versus the auto plan (train and inference img/s, peak RSS)."""
+    import json
+
+    from chromoseg import bench as b
+
+    try:
+        if params.is_file():
+            cfg, n_classes = b.default_config(str(params))
+        else:
+            log.info("%s not found: benchmarking TrainConfig() defaults", params)
+            cfg, n_classes = b.TrainConfig(), 3
+        if preset:
+            cfg = b.preset(preset, cfg)
+        if sweep:
+            rows = b.sweep(tuple(sweep.split(",")), n_classes, quick=quick, threads=threads,
+                           emulate_avx2=emulate_avx2)  # fmt: skip
+            typer.echo(json.dumps(rows, indent=1) if as_json else b.format_sweep(rows))
+            return
+        if backends:
+            b.machine_info(threads)
+            res = b.check_backends(cfg, n_classes, repeats=1 if quick else 3)
+            typer.echo(json.dumps(res, indent=1))
+            return
+        res = b.compare(
+            cfg, n_classes, quick=quick, threads=threads, emulate_avx2=emulate_avx2, isolate=isolate
+        )
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(res, indent=1) if as_json else b.format_compare(res))
+
+
+@app.command()
+def summary(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Print the pipeline's headline figures (test dice, IoUs, registry verdict)."""
+    import json
+
+    p = _params(params)
+    lines = []
+    for label, path in (
+        ("evaluate", p.evaluate.out),
+        ("register", p.register.out),
+        ("train", p.train.metrics),
+    ):
+        f = Path(path)
+        if not f.is_file():
+            fail(f"{f}: missing; run `dvc repro` first")
+        lines.append((label, json.loads(f.read_text())))
+    ev, reg, tr = (d for _, d in lines)
+    mode = "combined (3 classes)" if ev["combine_label"] else "4 classes"
+    out = [
+        f"chromoseg: {mode}, {ev['n_images']} test images",
+        f"  test dice (Ghosh 2017)      {ev['dice']:.4f}",
+        f"  overlap IoU                 {ev['iou_overlap']:.4f}",
+    ]
+    if "iou_chromosomes_pi" in ev:
+        out.append(f"  chromosomes IoU (A/B PI)    {ev['iou_chromosomes_pi']:.4f}")
+    out += [
+        f"  per-class IoU               " + ", ".join(f"{k} {v:.4f}" for k, v in ev["iou_per_class"].items()),
+        f"  training                    {tr['train_seconds']} s, best val dice {tr['best_val_dice']:.4f}"
+        f" at epoch {tr['best_epoch'] + 1}, {tr['precision']}",
+        f"  registry                    {reg['verdict']}",
+    ]
+    typer.echo("\n".join(out))
+
+
+@import_app.command("kaggle")
+def import_kaggle_cmd(
+    file: Annotated[Path, typer.Argument(help="Pommier's Kaggle HDF5 file (raw or cleaned layout).")],
+    out: Annotated[Path | None, typer.Option(help="Output HDF5 (default: data/raw/<name>.h5).")] = None,
+) -> None:
+    """Import Pommier's Kaggle file into data/raw/ as `dataset_1` (atomic)."""
+    from chromoseg.data.io import import_kaggle
+
+    path = run_guarded(import_kaggle, file, out)
+    typer.echo(f"wrote {path}; next: dvc add {path.parent}")
+
+
+@import_app.command("labelme")
+def import_labelme_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder of labelme *.json files (two polygons each).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output HDF5 (default: data/raw/labelme_<dir>.h5).")
+    ] = None,
+    target_width: Annotated[
+        float, typer.Option(help="Chromosome width in px after rescaling (the 88 x 88 scale).")
+    ] = 11.5,
+) -> None:
+    """Import labelme polygon annotations, rescaled to the 88 x 88 LowRes scale (atomic)."""
+    from chromoseg.data.labelme import import_labelme
+
+    path = run_guarded(import_labelme, directory, out, target_width)
+    typer.echo(f"wrote {path}; next: dvc add {path.parent}")
+
+
+@data_app.command("report")
+def data_report_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    raw: Annotated[Path | None, typer.Option(help="Dataset HDF5 (default: prepare.raw).")] = None,
+    real_dev: Annotated[
+        Path | None, typer.Option("--real-dev", help="Folder of real labelme files to compare with.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for the card and PNGs.")] = Path("reports"),
+) -> None:
+    """Dataset card: contact sheet, class frequencies, synthetic vs real-dev statistics."""
+    from chromoseg.data.report import write_report
+
+    if raw is None:
+        raw = (
+            Path(_params(params).prepare.raw)
+            if params.is_file()
+            else Path("data/raw/LowRes_13434_overlapping_pairs.h5")
+        )
+    card = run_guarded(write_report, raw, real_dev, out)
+    typer.echo(f"wrote {card}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -26,19 +26,30 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Synthetic dataset in Pommier's format (see `chromoseg.data.synth`)."""
+    """Synthetic dataset in Pommier's format (see `chromoseg.data.synth`).
+
+    Lengths are pixels at the 88 x 88 LowRes scale; grey levels are 0..255.
+    """
 
     n_images: int = 13434
     seed: int = 13434
     size: int = 88
     out: str = "data/raw/LowRes_13434_overlapping_pairs.h5"
-    # Geometry, at the LowRes scale (pixels): chromosome width and length ranges.
-    width_range: tuple[float, float] = (9.0, 13.0)
-    length_range: tuple[float, float] = (24.0, 62.0)
+    # Label (polygon) width and centreline length ranges of one chromosome, pixels.
+    width_range: tuple[float, float] = (10.3, 14.3)
+    length_range: tuple[float, float] = (25.0, 65.0)
     # Fraction of pairs that only touch or lie close without overlapping (as in real data).
-    touching_fraction: float = 0.1
-    # Number of distinct source chromosomes that pairs are drawn from (leakage-free split groups).
+    touching_fraction: float = 0.2
+    # Number of source groups; each group is a pair of source chromosomes (shape, banding) that
+    # appears in many images in different poses, so `source_id` is a leakage-free split group.
     n_sources: int = 460
+    # Mean grey of a chromosome interior before blur and the Gaussian blur sigma (pixels).
+    intensity_range: tuple[float, float] = (60.0, 110.0)
+    blur_range: tuple[float, float] = (1.1, 1.7)
+    # Camera noise: grey std in the background and relative shot noise in the chromosomes.
+    noise_range: tuple[float, float] = (0.0, 1.0)
+    # Worker processes for large runs (output is identical for any value).
+    workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,10 @@ class PrepareConfig:
     split: Literal["index", "group"] = "index"
     test_fraction: float = 0.2
     val_size: int = 200
+    # A and B have no inherent order; "area" makes A the larger chromosome (by pixels, overlap
+    # included) and "position" the one whose centroid is higher up (then further left), so that the
+    # 4-class task is well-defined. "none" keeps the file's order.
+    ab_order: Literal["none", "area", "position"] = "area"
     max_images: int = 0
     metrics: str = "metrics/prepare.json"
 
@@ -187,9 +202,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(valid))
     if unknown:
         place = f"section '{where}'" if where else "the top level"
-        raise ConfigError(
-            f"unknown key(s) {unknown} in {place} of {PARAMS_FILE}; valid keys: {valid}"
-        )
+        raise ConfigError(f"unknown key(s) {unknown} in {place} of {PARAMS_FILE}; valid keys: {valid}")
     kwargs = {}
     for name, value in data.items():
         sub = f"{where}.{name}" if where else name

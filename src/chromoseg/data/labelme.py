@@ -1,0 +1,219 @@
+"""Read labelme polygon annotations of chromosome pairs into Pommier's 88 x 88 format.
+
+This module is the one way to read labelme for both `chromoseg import labelme` and
+`chromoseg evaluate-external --labelme DIR`: `load_labelme_dir` returns arrays at the LowRes scale.
+
+Each JSON file must hold exactly two polygons labelled `chromosome`: the first is chromosome A, the
+second B; pixels inside both are the overlap (label 3). The grey image comes from the embedded
+`imageData` (base64 PNG) or, when that is empty, from the file at `imagePath` next to the JSON.
+
+Rescaling: the pair is cropped around its centre and resampled (antialiased bilinear) so that the
+mean chromosome width, measured on the polygon masks with `estimate_width`, becomes `target_width`
+pixels, the width of the synthetic set. If the pair still does not fit into the frame with a 2 px
+margin it is shrunk further. The labels are rasterised from the polygons transformed to the output
+grid (exact nearest-neighbour sampling of the polygons, no resampling of a label image). The final
+scale (output px per input px) of every image is returned and stored as `scale`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from scipy import ndimage as ndi
+
+from chromoseg.data.io import DataError, write_dataset
+
+log = logging.getLogger(__name__)
+
+LABEL = "chromosome"
+DEFAULT_TARGET_WIDTH = 11.5
+MARGIN = 2  # px kept free around the pair in the output frame
+
+Polygon = list[tuple[float, float]]
+
+
+def polygon_mask(points: Polygon, shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise a polygon (x, y pixel-centre coordinates) into an (H, W) bool mask."""
+    img = Image.new("L", (shape[1], shape[0]), 0)
+    ImageDraw.Draw(img).polygon([(float(x), float(y)) for x, y in points], fill=255, outline=255)
+    return np.asarray(img) > 0
+
+
+def estimate_width(mask: np.ndarray) -> float:
+    """Chromosome width in px of an (H, W) bool mask: twice the mean medial-axis distance, minus 1.
+
+    Ridge pixels are the 3x3 local maxima of the Euclidean distance transform that are at least
+    half of its maximum (this skips the thin branches near the ends). The `- 1` corrects the
+    discrete distance (centre pixel to the first background pixel) to the pixel count across.
+    """
+    if not mask.any():
+        return float("nan")
+    dt = ndi.distance_transform_edt(np.pad(mask, 1))
+    ridge = (dt >= ndi.maximum_filter(dt, size=3)) & (dt >= 0.5 * dt.max()) & (dt > 0)
+    return float(2.0 * dt[ridge].mean() - 1.0)
+
+
+def _fail(path: Path, what: str, fix: str) -> DataError:
+    return DataError(f"{path}: {what}; {fix}")
+
+
+def read_labelme(path: str | os.PathLike[str]) -> tuple[np.ndarray, Polygon, Polygon]:
+    """Read one labelme file: (H, W) uint8 grey image and the polygons of chromosomes A and B."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(p, f"not a readable labelme JSON file ({exc})", "re-export it from labelme") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
+        raise _fail(p, "no 'shapes' list", "this is not a labelme annotation; re-export it from labelme")
+    polys = [
+        s
+        for s in doc["shapes"]
+        if isinstance(s, dict) and s.get("label") == LABEL and s.get("shape_type", "polygon") == "polygon"
+    ]
+    if len(polys) != 2:
+        raise _fail(
+            p,
+            f"found {len(polys)} polygon(s) labelled {LABEL!r}, expected exactly 2 (A first, B second)",
+            "fix the annotation in labelme so that the pair has one polygon per chromosome",
+        )
+    out: list[Polygon] = []
+    for k, s in enumerate(polys):
+        try:
+            pts = [(float(x), float(y)) for x, y in s["points"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _fail(p, f"polygon {k} has malformed points", "re-draw it in labelme") from exc
+        if len(pts) < 3:
+            raise _fail(p, f"polygon {k} has {len(pts)} points, needs >= 3", "re-draw it in labelme")
+        out.append(pts)
+    return _read_image(p, doc), out[0], out[1]
+
+
+def _read_image(p: Path, doc: dict) -> np.ndarray:
+    data = doc.get("imageData")
+    if data:
+        try:
+            raw = base64.b64decode(data, validate=False)
+            img = Image.open(io.BytesIO(raw))
+            img.load()
+        except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as exc:
+            raise _fail(
+                p, f"embedded imageData is not a readable image ({exc})", "re-save the file in labelme"
+            ) from exc
+        source = "imageData"
+    else:
+        rel = doc.get("imagePath")
+        if not rel:
+            raise _fail(p, "no imageData and no imagePath", "re-save it in labelme with the image embedded")
+        ip = p.parent / rel
+        if not ip.is_file():
+            raise _fail(
+                p,
+                f"image {ip} (imagePath) not found and no imageData embedded",
+                "put the image next to the JSON or re-save with 'Save image data' on",
+            )
+        try:
+            img = Image.open(ip)
+            img.load()
+        except (UnidentifiedImageError, OSError) as exc:
+            raise _fail(p, f"image {ip} is not readable ({exc})", "replace it with a valid image") from exc
+        source = str(ip)
+    arr = np.asarray(img.convert("L"), dtype=np.uint8)
+    h, w = doc.get("imageHeight"), doc.get("imageWidth")
+    if isinstance(h, int) and isinstance(w, int) and (h, w) != arr.shape:
+        log.warning("%s: image from %s is %s, JSON says %s", p, source, arr.shape, (h, w))
+    return arr
+
+
+def to_lowres(
+    image: np.ndarray,
+    poly_a: Polygon,
+    poly_b: Polygon,
+    target_width: float = DEFAULT_TARGET_WIDTH,
+    size: int = 88,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Crop and rescale one annotated pair: (size, size) uint8 grey, uint8 label 0..3, scale."""
+    h, w = image.shape
+    ma, mb = polygon_mask(poly_a, (h, w)), polygon_mask(poly_b, (h, w))
+    width = float(np.nanmean([estimate_width(ma), estimate_width(mb)]))
+    if not np.isfinite(width) or width <= 0:
+        raise ValueError("polygons are empty after rasterisation")
+    scale = target_width / width
+    pts = np.asarray(poly_a + poly_b) + 0.5  # continuous coordinates: pixel k spans [k, k + 1)
+    lo, hi = pts.min(0), pts.max(0)
+    extent = float((hi - lo).max()) * scale
+    room = size - 2 * MARGIN
+    if extent > room:
+        scale *= room / extent
+    cx, cy = (lo + hi) / 2.0
+    half = size / 2.0 / scale
+    # Pad so that the crop box always lies inside the image (background is ~0 in real data).
+    pad = int(np.ceil(half)) + 2
+    bg = int(np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])))
+    padded = np.pad(image, pad, mode="constant", constant_values=bg)
+    box = (cx - half + pad, cy - half + pad, cx + half + pad, cy + half + pad)
+    grey = Image.fromarray(padded).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    # Polygons on the output grid, in PIL's pixel-centre convention.
+    x0, y0 = cx - half, cy - half
+
+    def _tf(poly: Polygon) -> Polygon:
+        return [((x + 0.5 - x0) * scale - 0.5, (y + 0.5 - y0) * scale - 0.5) for x, y in poly]
+
+    la = polygon_mask(_tf(poly_a), (size, size))
+    lb = polygon_mask(_tf(poly_b), (size, size))
+    label = la.astype(np.uint8) + 2 * lb.astype(np.uint8)
+    return np.asarray(grey, dtype=np.uint8), label, float(scale)
+
+
+def load_labelme_dir(
+    directory: str | os.PathLike[str], target_width: float = DEFAULT_TARGET_WIDTH, size: int = 88
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """All `*.json` in `directory` (sorted): (N, size, size) uint8 grey and labels, (N,) scales, names."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"{d}: not a directory; pass the folder that holds the labelme *.json files")
+    if not target_width > 0:
+        raise ValueError(f"target_width must be > 0 px, got {target_width}")
+    files = sorted(d.glob("*.json"))
+    if not files:
+        raise DataError(f"{d}: no *.json files found; pass the folder that holds the labelme annotations")
+    images, labels, scales, names = [], [], [], []
+    for f in files:
+        img, pa, pb = read_labelme(f)
+        try:
+            g, lab, s = to_lowres(img, pa, pb, target_width, size)
+        except ValueError as exc:
+            raise _fail(f, str(exc), "re-draw the polygons in labelme") from exc
+        if not (lab & 1).any() or not (lab & 2).any():
+            raise _fail(f, "a polygon covers no pixel", "re-draw the polygons in labelme")
+        images.append(g)
+        labels.append(lab)
+        scales.append(s)
+        names.append(f.name)
+    return np.stack(images), np.stack(labels), np.asarray(scales, np.float64), names
+
+
+def import_labelme(
+    directory: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    target_width: float = DEFAULT_TARGET_WIDTH,
+) -> Path:
+    """Convert a labelme folder to `data/raw/NAME.h5` (atomic; nothing is written on any error)."""
+    d = Path(directory)
+    images, labels, scales, names = load_labelme_dir(d, target_width)
+    # A folder called `labelme` is named after its parent (real-dev/labelme -> labelme_real-dev.h5).
+    name = d.resolve().name if d.resolve().name != "labelme" else d.resolve().parent.name
+    path = Path(out) if out is not None else Path("data/raw") / f"labelme_{name}.h5"
+    extra = {"scale": scales, "source_name": np.array([n.encode() for n in names], dtype="S")}
+    write_dataset(path, images, labels, source_ids=np.arange(len(names), dtype=np.int32), extra=extra)
+    log.info("wrote %d labelme images %s to %s", len(names), images.shape[1:], path)
+    log.info("next step: dvc add %s", path.parent)
+    return path

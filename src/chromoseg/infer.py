@@ -1,0 +1,209 @@
+"""The one inference path (evaluation, serving, bench): numpy images in, logits or labels out.
+
+`Predictor` pads any (H, W) with background (0 = black) to a bucketed size, runs fixed-size
+batches under `torch.inference_mode` with the `ExecPlan`'s autocast and memory format, and crops
+back. Backends:
+
+- ``torch``: eager PyTorch with the plan (bf16 autocast + channels_last on AMX CPUs).
+- ``onnx``: ONNX Runtime (fp32, dynamic batch/H/W), exported once at construction.
+- ``compile``: ``torch.compile`` (inductor); the first call per new size compiles (~10-30 s here).
+- ``auto``: ``torch`` where the plan uses bf16 or a GPU, ``onnx`` for fp32 on CPU (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import numpy as np
+import torch
+
+from chromoseg.config import TrainConfig
+from chromoseg.model import ExecPlan, build_model, exec_plan, input_multiple, prepare_module, to_input
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "torch", "onnx", "compile"]
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx", "compile")
+
+
+def choose_backend(plan: ExecPlan) -> str:
+    """The backend `auto` resolves to for `plan`.
+
+    Measured on 2 cores (BENCHMARKS.md): with bf16 on AMX, eager torch beats ONNX Runtime fp32 by
+    several times; in fp32, ONNX Runtime beats eager torch at batch 1 and matches it at batch 64.
+    torch.compile is never the default: it costs tens of seconds per new input size.
+    """
+    if plan.device != "cpu" or plan.amp_dtype is not None:
+        return "torch"
+    if _onnx_available():
+        return "onnx"
+    return "torch"
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from DDP)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def padded_size(h: int, w: int, multiple: int) -> tuple[int, int]:
+    """(H, W) rounded up to `multiple`."""
+    return math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
+
+
+def pad_center(images: np.ndarray, hp: int, wp: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Zero-pad (N, H, W) to (N, hp, wp), centred as albumentations' PadIfNeeded; return the offsets."""
+    _, h, w = images.shape
+    top, left = (hp - h) // 2, (wp - w) // 2
+    if (hp, wp) == (h, w):
+        return images, (0, 0)
+    out = np.zeros((images.shape[0], hp, wp), dtype=np.float32)
+    out[:, top : top + h, left : left + w] = images
+    return out, (top, left)
+
+
+class Predictor:
+    """Batched, padded, thread-safe inference for one trained network.
+
+    Built from a state_dict (or a module), the `TrainConfig` it was trained with and the number of
+    classes. Calls from several threads are serialised per batch: the network already uses all
+    intra-op threads, so running two forwards at once would only oversubscribe the cores.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Mapping[str, torch.Tensor],
+        cfg: TrainConfig,
+        n_classes: int,
+        plan: ExecPlan | None = None,
+        backend: Backend = "auto",
+        batch_size: int = 64,
+        bucket: int = 32,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.cfg = cfg
+        self.n_classes = n_classes
+        self.plan = plan if plan is not None else exec_plan(cfg.precision, cfg.channels_last)
+        self.batch_size = batch_size
+        # Sizes are bucketed to a multiple of 32 (and of 2**depth) so that backends that specialise
+        # on shape (compile, oneDNN primitive caches) see few distinct sizes.
+        self.multiple = math.lcm(input_multiple(cfg), max(1, bucket))
+        if isinstance(model, torch.nn.Module):
+            net = model
+        else:
+            net = build_model(cfg, n_classes)
+            net.load_state_dict(clean_state_dict(model))
+        net.eval()
+        self.backend = choose_backend(self.plan) if backend == "auto" else backend
+        if self.backend == "onnx" and self.plan.device != "cpu":
+            raise ValueError("backend 'onnx' runs on CPU only; use backend 'torch' on a GPU")
+        self._lock = threading.Lock()
+        self._module = prepare_module(net, self.plan)
+        self._ort = None
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if self.backend == "onnx":
+            self._ort = _ort_session(net, n_threads=torch.get_num_threads())
+        elif self.backend == "compile":
+            # dynamic=None: the first new size recompiles specialised, later ones share a dynamic graph,
+            # so a server never exceeds dynamo's recompile limit (which would silently fall back to eager).
+            self._compiled = torch.compile(self._module, dynamic=None)
+        log.debug(
+            "Predictor: backend=%s plan=%s multiple=%d", self.backend, self.plan.describe(), self.multiple
+        )
+
+    def describe(self) -> dict[str, str]:
+        return {**self.plan.describe(), "backend": self.backend, "batch_size": str(self.batch_size)}
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W) float32 in [0, 1] -> (N, C, H, W) float32 logits."""
+        return self._predict(images, labels=False)
+
+    def predict_labels(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W) float32 in [0, 1] -> (N, H, W) uint8 class labels (argmax of the logits)."""
+        return self._predict(images, labels=True)
+
+    def _predict(self, images: np.ndarray, labels: bool) -> np.ndarray:
+        x = _validate_images(images)
+        n, h, w = x.shape
+        hp, wp = padded_size(h, w, self.multiple)
+        shape = (n, h, w) if labels else (n, self.n_classes, h, w)
+        out = np.empty(shape, dtype=np.uint8 if labels else np.float32)
+        for start in range(0, n, self.batch_size):
+            chunk, (top, left) = pad_center(x[start : start + self.batch_size], hp, wp)
+            logits = self._forward(chunk)[:, :, top : top + h, left : left + w]
+            out[start : start + len(chunk)] = logits.argmax(axis=1) if labels else logits
+        return out
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """(B, Hp, Wp) float32 -> (B, C, Hp, Wp) float32 logits on the host."""
+        with self._lock:
+            if self._ort is not None:
+                (logits,) = self._ort.run(None, {"image": batch[:, None]})
+                return logits
+            fn = self._compiled if self._compiled is not None else self._module
+            with torch.inference_mode(), self.plan.autocast():
+                t = to_input(torch.from_numpy(batch[:, None]), self.plan)
+                logits = fn(t)
+            return logits.float().contiguous().cpu().numpy()
+
+
+def _validate_images(images: np.ndarray) -> np.ndarray:
+    x = np.asarray(images)
+    if x.ndim != 3:
+        raise ValueError(f"images must be (N, H, W) grey images, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"images must be float in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+    if x.shape[0] == 0:
+        raise ValueError("images is empty (N == 0)")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def export_onnx(model: torch.nn.Module, opset: int = 17) -> bytes:
+    """The fp32 network as ONNX bytes, input `image` (N, 1, H, W) with dynamic N, H and W."""
+    # A copy: `.to(memory_format=...)` works in place and would undo the caller's channels_last.
+    model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    buf = io.BytesIO()
+    dummy = torch.zeros(1, 1, 96, 96)
+    # The TorchScript exporter: the dynamo one needs onnxscript, which is not a dependency.
+    torch.onnx.export(
+        model,
+        (dummy,),
+        buf,
+        dynamo=False,
+        input_names=["image"],
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}},
+    )
+    return buf.getvalue()
+
+
+def _ort_session(model: torch.nn.Module, n_threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = n_threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(export_onnx(model), opts, providers=["CPUExecutionProvider"])

@@ -1,0 +1,39 @@
+"""Losses selectable by name in params (`train.loss`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class SegLoss(torch.nn.Module):
+    """Class-weighted cross-entropy, soft multiclass dice, or their sum (`ce`, `dice`, `ce+dice`)."""
+
+    def __init__(self, kind: str, class_weights: tuple[float, ...]) -> None:
+        super().__init__()
+        if kind not in ("ce", "dice", "ce+dice"):
+            raise ValueError(f"train.loss {kind!r} is not one of ['ce', 'dice', 'ce+dice']")
+        self.kind = kind
+        self.register_buffer("weight", torch.tensor(class_weights, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits (N, C, H, W), target (N, H, W) int64."""
+        logits = logits.float()
+        loss = logits.new_zeros(())
+        if "ce" in self.kind:
+            loss = loss + F.cross_entropy(logits, target, weight=self.weight)
+        if "dice" in self.kind:
+            loss = loss + soft_dice_loss(logits, target)
+        return loss
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft dice over the foreground classes present in the batch or predicted."""
+    n_classes = logits.shape[1]
+    prob = logits.softmax(dim=1)
+    onehot = F.one_hot(target, n_classes).permute(0, 3, 1, 2).to(prob.dtype)
+    dims = (0, 2, 3)
+    inter = (prob * onehot).sum(dims)
+    denom = prob.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)
+    return 1 - dice[1:].mean()

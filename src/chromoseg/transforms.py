@@ -1,0 +1,39 @@
+"""Seeded albumentations 2.x pipelines for training."""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+
+
+def train_transform(seed: int, enabled: bool = True) -> A.Compose:
+    """Geometric + photometric augmentation for (H, W) uint8 images and their label masks.
+
+    Labels follow the geometric ops with nearest-neighbour interpolation; photometric ops touch the
+    image only. Border fill is 0 for both (black background, class background).
+    """
+    if not enabled:
+        return A.Compose([], seed=seed)
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.Affine(
+                scale=(0.85, 1.15),
+                rotate=(-30, 30),
+                translate_percent=(-0.06, 0.06),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=0.5,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.25, p=0.5),
+            A.RandomGamma(gamma_limit=(70, 140), p=0.3),
+            A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.2), p=0.25),
+            A.GaussNoise(std_range=(0.005, 0.04), p=0.3),
+        ],
+        seed=seed,
+    )

@@ -1,0 +1,99 @@
+"""Kaggle importer: both layouts, and every kind of bad file."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from chromoseg.cli import app
+from chromoseg.data.io import KEY_CLEANED, KEY_RAW, DataError, import_kaggle, read_dataset
+
+
+def _arr(n: int, h: int, w: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    a = np.zeros((n, h, w, 2), np.uint8)
+    a[..., 0] = rng.integers(0, 200, (n, h, w))
+    a[..., 1] = rng.integers(0, 4, (n, h, w))
+    return a
+
+
+def _write(path, key: str, data) -> None:
+    with h5py.File(path, "w") as f:
+        f.create_dataset(key, data=data)
+
+
+@pytest.mark.parametrize(("key", "shape"), [(KEY_RAW, (5, 88, 88)), (KEY_CLEANED, (4, 94, 93))])
+def test_both_layouts(tmp_path, key, shape):
+    src = tmp_path / "kaggle.h5"
+    arr = _arr(*shape)
+    _write(src, key, arr)
+    out = import_kaggle(src, tmp_path / "raw" / "pairs.h5")
+    ds = read_dataset(out)
+    assert ds.key == KEY_RAW  # always written as dataset_1, own H, W kept
+    assert np.array_equal(ds.images, arr[..., 0]) and np.array_equal(ds.labels, arr[..., 1])
+    with h5py.File(out, "r") as f:
+        assert np.array_equal(f["source_index"][()], np.arange(shape[0]))
+
+
+def test_default_output_and_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "LowRes.h5", KEY_RAW, _arr(3, 88, 88))
+    res = CliRunner().invoke(app, ["import", "kaggle", "LowRes.h5"])
+    assert res.exit_code == 0, res.output
+    assert "dvc add data/raw" in res.output
+    assert len(read_dataset(tmp_path / "data" / "raw" / "LowRes.h5")) == 3
+
+
+def _bad(tmp_path, case: str):
+    p = tmp_path / "bad.h5"
+    if case == "wrong key":
+        _write(p, "images", _arr(2, 88, 88))
+    elif case == "wrong shape":
+        _write(p, KEY_RAW, np.zeros((2, 88, 88), np.uint8))
+    elif case == "empty dataset":
+        _write(p, KEY_RAW, np.zeros((0, 88, 88, 2), np.uint8))
+    elif case == "empty file":
+        p.write_bytes(b"")
+    elif case == "corrupt":
+        p.write_bytes(b"\x89HDF\r\n" + bytes(range(256)) * 8)
+    elif case == "truncated":
+        _write(p, KEY_RAW, _arr(50, 88, 88))
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+    elif case == "float dtype":
+        _write(p, KEY_RAW, np.zeros((2, 88, 88, 2), np.float32))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("wrong key", "none of the keys"),
+        ("wrong shape", "expected \\(N, H, W, 2\\)"),
+        ("empty dataset", "holds no images"),
+        ("empty file", "empty"),
+        ("corrupt", "not a readable HDF5"),
+        ("truncated", "truncated"),
+        ("float dtype", "expected uint8"),
+        ("missing", "file not found"),
+    ],
+)
+def test_bad_files(tmp_path, case, words):
+    src = _bad(tmp_path, case) if case != "missing" else tmp_path / "nope.h5"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "old.h5").write_bytes(b"old")
+    with pytest.raises(DataError, match=words) as exc:
+        import_kaggle(src, raw / "new.h5")
+    assert src.name in str(exc.value)
+    assert "\n" not in str(exc.value)
+    assert sorted(p.name for p in raw.iterdir()) == ["old.h5"]
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    p = _bad(tmp_path, "wrong key")
+    res = CliRunner().invoke(app, ["import", "kaggle", str(p), "--out", str(tmp_path / "o.h5")])
+    assert res.exit_code == 2
+    assert not (tmp_path / "o.h5").exists()

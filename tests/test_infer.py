@@ -1,0 +1,139 @@
+"""Predictor: padding/cropping, shapes, dtype checks and backend agreement on a tiny random model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from chromoseg.config import TrainConfig
+from chromoseg.infer import Predictor, choose_backend, clean_state_dict, pad_center, padded_size
+from chromoseg.model import build_model, exec_plan
+
+TINY = TrainConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
+FP32 = exec_plan("fp32", "off", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(TINY, 3).eval()
+
+
+def test_padded_size_rounds_up() -> None:
+    assert padded_size(88, 88, 32) == (96, 96)
+    assert padded_size(100, 131, 32) == (128, 160)
+    assert padded_size(8, 8, 32) == (32, 32)
+    assert padded_size(96, 64, 32) == (96, 64)
+
+
+def test_pad_center_places_images_in_the_middle() -> None:
+    x = np.ones((2, 3, 5), np.float32)
+    out, (top, left) = pad_center(x, 8, 8)
+    assert out.shape == (2, 8, 8) and (top, left) == (2, 1)
+    assert out.sum() == x.sum()
+    assert out[:, top : top + 3, left : left + 5].min() == 1.0
+
+
+@pytest.mark.parametrize("shape", [(100, 131), (88, 88), (8, 8), (96, 96)])
+def test_predictor_crops_back_to_input_size(model: torch.nn.Module, shape: tuple[int, int]) -> None:
+    pred = Predictor(model, TINY, 3, FP32, backend="torch", batch_size=2)
+    images = np.random.default_rng(0).random((3, *shape), dtype=np.float32)
+    logits = pred.predict_logits(images)
+    labels = pred.predict_labels(images)
+    assert logits.shape == (3, 3, *shape) and logits.dtype == np.float32
+    assert labels.shape == (3, *shape) and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, logits.argmax(1))
+
+
+def test_batching_does_not_change_results(model: torch.nn.Module) -> None:
+    images = np.random.default_rng(1).random((5, 40, 50), dtype=np.float32)
+    a = Predictor(model, TINY, 3, FP32, backend="torch", batch_size=2).predict_logits(images)
+    b = Predictor(model, TINY, 3, FP32, backend="torch", batch_size=64).predict_logits(images)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_padding_equals_running_the_padded_image(model: torch.nn.Module) -> None:
+    images = np.random.default_rng(2).random((1, 88, 88), dtype=np.float32)
+    got = Predictor(model, TINY, 3, FP32, backend="torch").predict_logits(images)
+    padded = np.zeros((1, 1, 96, 96), np.float32)
+    padded[0, 0, 4:92, 4:92] = images[0]
+    with torch.inference_mode():
+        want = model(torch.from_numpy(padded)).numpy()[:, :, 4:92, 4:92]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_state_dict_input_and_compile_prefix(model: torch.nn.Module) -> None:
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    assert set(clean_state_dict(state)) == set(model.state_dict())
+    images = np.random.default_rng(3).random((2, 32, 32), dtype=np.float32)
+    a = Predictor(state, TINY, 3, FP32, backend="torch").predict_logits(images)
+    b = Predictor(model, TINY, 3, FP32, backend="torch").predict_logits(images)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_onnx_backend_matches_torch(model: torch.nn.Module) -> None:
+    images = np.random.default_rng(4).random((3, 100, 131), dtype=np.float32)
+    ref = Predictor(model, TINY, 3, FP32, backend="torch").predict_logits(images)
+    got = Predictor(model, TINY, 3, FP32, backend="onnx", batch_size=2).predict_logits(images)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    # a second size reuses the same session (dynamic H, W)
+    small = images[:1, :8, :8]
+    np.testing.assert_allclose(
+        Predictor(model, TINY, 3, FP32, backend="onnx").predict_logits(small),
+        Predictor(model, TINY, 3, FP32, backend="torch").predict_logits(small),
+        atol=1e-4,
+    )
+
+
+def test_channels_last_and_bf16_stay_close(model: torch.nn.Module) -> None:
+    images = np.random.default_rng(5).random((2, 64, 64), dtype=np.float32)
+    ref = Predictor(model, TINY, 3, FP32, backend="torch").predict_logits(images)
+    cl = Predictor(model, TINY, 3, exec_plan("fp32", "on", device="cpu"), backend="torch")
+    np.testing.assert_allclose(cl.predict_logits(images), ref, atol=1e-4)
+    bf = Predictor(model, TINY, 3, exec_plan("bf16", "on", device="cpu"), backend="torch")
+    np.testing.assert_allclose(bf.predict_logits(images), ref, atol=0.1 * (1 + np.abs(ref).max()))
+
+
+def test_auto_backend_choice() -> None:
+    assert choose_backend(exec_plan("bf16", "on", device="cpu")) == "torch"
+    assert choose_backend(FP32) in ("onnx", "torch")
+
+
+def test_concurrent_calls_are_consistent(model: torch.nn.Module) -> None:
+    pred = Predictor(model, TINY, 3, FP32, backend="torch", batch_size=1)
+    images = np.random.default_rng(6).random((3, 32, 32), dtype=np.float32)
+    want = pred.predict_logits(images)
+    results: list[np.ndarray] = []
+
+    def call() -> None:
+        results.append(pred.predict_logits(images))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4
+    for r in results:
+        np.testing.assert_allclose(r, want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (np.zeros((4, 4), np.float32), "shape"),
+        (np.zeros((1, 8, 8), np.uint8), "dtype"),
+        (np.zeros((0, 8, 8), np.float32), "empty"),
+    ],
+)
+def test_bad_input_is_a_clear_error(model: torch.nn.Module, bad: np.ndarray, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Predictor(model, TINY, 3, FP32, backend="torch").predict_logits(bad)
+
+
+def test_unknown_backend_lists_choices(model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="onnx"):
+        Predictor(model, TINY, 3, FP32, backend="tensorrt")  # type: ignore[arg-type]
