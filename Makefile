@@ -9,7 +9,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export GIT_PYTHON_REFRESH := quiet
-export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
+# The store named in params.yaml (mlflow.tracking_uri), made absolute.
+TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
 UI_PORT ?= 5000
 SERVE_PORT ?= 5001
 PYTEST_ARGS ?=
@@ -64,10 +65,10 @@ format: install
 	$(BIN)/ruff check --fix src tests
 
 ui: install
-	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --default-artifact-root $(CURDIR)/mlartifacts --port $(UI_PORT)
+	mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root $(CURDIR)/mlartifacts --port $(UI_PORT)
 
 serve: install
-	mlflow models serve -m models:/chromoseg-unet@champion --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+	MLFLOW_TRACKING_URI=$(TRACKING_URI) mlflow models serve -m models:/chromoseg-unet@champion --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 bench: install
 	chromoseg bench

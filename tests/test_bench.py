@@ -39,7 +39,7 @@ def test_cli_bench_quick_json(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     tiny = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [8, 8, 8]}
     params.write_text(yaml.safe_dump({"train": tiny}))
-    args = ["bench", "--quick", "--json", "--no-isolate", "--params", str(params)]
+    args = ["bench", "--quick", "--json", "--no-isolate", "--threads", "1", "--params", str(params)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)

@@ -97,10 +97,13 @@ def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
 
 @app.command()
 def train(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Stage 2: train the U-Net, log the run and the model to MLflow."""
-    from chromoseg.train import run_train
+    """Stage 2: train the U-Net, log the run and the model to MLflow (data-parallel under torchrun)."""
+    from chromoseg.train import TrainingInterruptedError, run_train
 
-    run_guarded(run_train, _params(params))
+    try:
+        run_guarded(run_train, _params(params))
+    except TrainingInterruptedError as exc:
+        fail(str(exc), code=128 + exc.signum)
 
 
 @app.command()

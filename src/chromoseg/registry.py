@@ -35,6 +35,49 @@ def registry_score(metrics: dict, combine_label: bool) -> tuple[str, float]:
     return key, float(metrics[key])
 
 
+def resolve_model_uri(model_uri: str, client=None):
+    """The ModelVersion behind `models:/NAME@ALIAS` or `models:/NAME/VERSION` (None for other URIs).
+
+    Call it before loading a registered model (`rescore_model`, `chromoseg predict`): it raises a
+    ValueError naming what is missing and the aliases and versions that do exist, instead of
+    MLflow's bare RESOURCE_DOES_NOT_EXIST.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    prefix = "models:/"
+    if not model_uri.startswith(prefix):
+        return None
+    ref = model_uri[len(prefix) :]
+    name, sep, alias = ref.partition("@")
+    version = None
+    if not sep:
+        name, _, version = ref.partition("/")
+    client = client or mlflow.MlflowClient()
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as exc:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise ValueError(
+            f"{model_uri}: no registered model {name!r} in {mlflow.get_tracking_uri()} "
+            f"(registered: {names}); run `chromoseg register` or check MLFLOW_TRACKING_URI"
+        ) from exc
+    aliases = sorted(getattr(rm, "aliases", {}) or {})
+    try:
+        if sep:
+            return client.get_model_version_by_alias(name, alias)
+        if version and version.isdigit():
+            return client.get_model_version(name, version)
+    except MlflowException as exc:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        what = f"alias {alias!r}" if sep else f"version {version}"
+        raise ValueError(
+            f"{model_uri}: model {name!r} has no {what} (aliases: {aliases}, versions: {versions}); "
+            f"use one of them, e.g. models:/{name}@{aliases[0] if aliases else 'champion'}"
+        ) from exc
+    return None  # models:/NAME/STAGE (e.g. latest): left to MLflow
+
+
 def rescore_model(model_uri: str, test: dict[str, np.ndarray], combine_label: bool) -> float:
     """Load any registered chromoseg model and score it on `test` in the current label mode."""
     import mlflow
@@ -42,6 +85,7 @@ def rescore_model(model_uri: str, test: dict[str, np.ndarray], combine_label: bo
     from chromoseg.evaluate import score
     from chromoseg.labels import combine_labels, instances_to_labels4
 
+    resolve_model_uri(model_uri)  # a clear error for a missing alias or version
     model = mlflow.pyfunc.load_model(model_uri)
     out = model.predict(test["images"])
     pred4 = instances_to_labels4(out["mask_a"], out["mask_b"])
@@ -63,6 +107,9 @@ def run_register(params: Params) -> dict:
     from chromoseg.tracking import setup_mlflow
 
     cfg = params.register
+    for f in (Path(params.train.out_dir) / "run.json", Path("eval/run.json"), Path(params.evaluate.out)):
+        if not f.is_file():  # checked before MLflow is touched: a failed start leaves no trace there
+            raise FileNotFoundError(f"{f}: missing; run `dvc repro evaluate` (train and evaluate) first")
     setup_mlflow(params.mlflow)
     client = mlflow.MlflowClient()
     run_info = json.loads((Path(params.train.out_dir) / "run.json").read_text())

@@ -39,6 +39,9 @@ def predictor_from_checkpoint(path: str | Path, precision: str | None = None, ba
 
 def to_float_images(x: Any) -> np.ndarray:
     """Validate and convert user input to (N, H, W) float32 in [0, 1]. Raise ValueError with the fix."""
+    if isinstance(x, dict) and len(x) == 1:
+        # A named tensor signature hands the input over as {"images": array}.
+        x = next(iter(x.values()))
     arr = np.asarray(x)
     if arr.dtype == object:
         raise ValueError("input must be numeric grey images, (H, W) or (N, H, W)")

@@ -3,6 +3,11 @@
 Every epoch draws `samples_per_epoch` training images (Ghosh 2017: 1000) with an RNG seeded by
 (seed, epoch), and augmentation and torch RNGs are re-seeded the same way, so an interrupted run that
 resumes from its last epoch checkpoint ends with exactly the weights of an uninterrupted one.
+
+SIGTERM stops training at the next batch boundary: nothing is written beyond the last complete epoch
+checkpoint, the MLflow run is marked KILLED (the next start reopens it) and `chromoseg train` exits
+143; running the stage again resumes. Under `torchrun` the stage trains data-parallel, see
+`chromoseg.distributed`.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ import json
 import logging
 import math
 import random
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from chromoseg import distributed as ddp
 from chromoseg.config import Params
 from chromoseg.fsutil import atomic_path, write_json
 from chromoseg.labels import canonical_ab, combine_labels
@@ -33,6 +41,45 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
+
+
+class TrainingInterruptedError(RuntimeError):
+    """Training stopped by a signal; the last epoch checkpoint is kept for resumption."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(
+            f"training stopped by {signal.Signals(signum).name}; the last complete epoch is "
+            "checkpointed in .chromoseg/resume/: run the stage again to resume"
+        )
+
+
+class StopRequest:
+    """Set by SIGTERM; training checks it between batches. A second SIGTERM stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise TrainingInterruptedError(signum)
+        self.signum = signum
+        log.warning("%s received: stopping at the next batch boundary", signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_on_sigterm():
+    """Route SIGTERM to a StopRequest while training (main thread only; elsewhere a no-op)."""
+    stop = StopRequest()
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: keep the default handler
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -116,7 +163,7 @@ def predict_labels(model, images: np.ndarray, plan, multiple: int, batch_size: i
     return np.concatenate(out)
 
 
-def _fingerprint(params: Params, train_file: Path) -> str:
+def _fingerprint(params: Params, train_file: Path, world_size: int = 1) -> str:
     """Identity of a training run: everything that changes its result (for safe resumption)."""
     h = hashlib.sha256()
     relevant = {
@@ -126,6 +173,8 @@ def _fingerprint(params: Params, train_file: Path) -> str:
         "prepare": asdict(params.prepare),
     }
     relevant["train"].pop("num_threads", None)
+    if world_size > 1:  # per-rank batch-norm statistics: not interchangeable with a 1-process run
+        relevant["world_size"] = world_size
     h.update(json.dumps(relevant, sort_keys=True, default=str).encode())
     st = train_file.stat()
     h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
@@ -141,7 +190,53 @@ def resume_path(params: Params, fingerprint: str) -> Path:
     return project_root() / ".chromoseg" / "resume" / f"train-{fingerprint}.pt"
 
 
+def _train_epoch(model, sampler, criterion, opt, sched, plan, seed, epoch, dist, stop) -> list[float]:
+    """One epoch of optimiser steps on this rank's shards; raise TrainingInterruptedError between batches."""
+    torch.manual_seed(seed * 100_003 + epoch)
+    model.train()
+    losses = []
+    for x, y in sampler.epoch(epoch):
+        x = to_input(ddp.shard(x, dist), plan)
+        y = ddp.shard(y, dist).to(plan.device)
+        with plan.autocast():
+            logits = model(x)
+        loss = criterion(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        # Every rank must leave at the same step, or the others would wait in DDP's all-reduce.
+        if ddp.any_rank(stop.signum is not None, dist, plan.device):
+            raise TrainingInterruptedError(stop.signum or signal.SIGTERM)
+    return losses
+
+
 def run_train(params: Params) -> dict:
+    """Train, resuming from a matching checkpoint; data-parallel when started by torchrun."""
+    dist = ddp.from_env()
+    if dist.enabled:
+        ddp.per_rank_batch(params.train.batch_size, params.train.samples_per_epoch, dist)
+    try:
+        with stop_on_sigterm() as stop:
+            return _train(params, dist, stop)
+    except BaseException as exc:
+        _end_active_run(exc)
+        raise
+    finally:
+        ddp.cleanup(dist)
+
+
+def _end_active_run(exc: BaseException) -> None:
+    """Close an open MLflow run: KILLED when stopped (the next start reopens it), else FAILED."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        stopped = isinstance(exc, TrainingInterruptedError | KeyboardInterrupt)
+        mlflow.end_run(status="KILLED" if stopped else "FAILED")
+
+
+def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     import mlflow
 
     from chromoseg.serving import log_pyfunc_model
@@ -149,8 +244,9 @@ def run_train(params: Params) -> dict:
 
     cfg = params.train
     seed_everything(params.seed)
-    threads = set_threads(cfg.num_threads)
+    threads = set_threads(ddp.threads_per_rank(cfg.num_threads, dist))
     plan = exec_plan(cfg.precision, cfg.channels_last)
+    ddp.init(dist, plan.device)
     log.info("execution plan: %s, %d threads", plan.describe(), threads)
 
     prep_dir = Path(params.prepare.out_dir)
@@ -165,7 +261,7 @@ def run_train(params: Params) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, params)
 
-    fp = _fingerprint(params, prep_dir / "train.npz")
+    fp = _fingerprint(params, prep_dir / "train.npz", dist.world_size)
     ckpt_path = resume_path(params, fp)
     start_epoch, history, best = 0, [], {"dice": -1.0, "epoch": -1, "state": None}
     run_id = None
@@ -177,13 +273,16 @@ def run_train(params: Params) -> dict:
         torch.set_rng_state(ck["torch_rng"])
         start_epoch, history, best, run_id = ck["epoch"] + 1, ck["history"], ck["best"], ck["run_id"]
         log.info("resuming from %s at epoch %d (MLflow run %s)", ckpt_path, start_epoch, run_id)
+    # `net` is the plain module (validation, checkpoints); `model` the one that steps (DDP or not).
+    net, model = model, ddp.wrap(model, dist, plan.device)
 
-    setup_mlflow(params.mlflow)
-    parent = launcher_run_id()
-    tags = {"mlflow.parentRunId": parent} if parent and not run_id else None
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"unet-{cfg.encoder}", tags=tags)
-    run_id = run.info.run_id
-    if start_epoch == 0:
+    if dist.is_main:
+        setup_mlflow(params.mlflow)
+        parent = launcher_run_id()
+        tags = {"mlflow.parentRunId": parent} if parent and not run_id else None
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"unet-{cfg.encoder}", tags=tags)
+        run_id = run.info.run_id
+    if dist.is_main and start_epoch == 0:
         mlflow.log_params(params.flat())
         mlflow.set_tags(
             {
@@ -197,23 +296,12 @@ def run_train(params: Params) -> dict:
     val_images, val_labels = va["images"], va["labels"]
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(params.seed * 100_003 + epoch)
-        model.train()
         t0 = time.perf_counter()
-        losses = []
-        for x, y in sampler.epoch(epoch):
-            x = to_input(x, plan)
-            y = y.to(plan.device)
-            with plan.autocast():
-                logits = model(x)
-            loss = criterion(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        losses = _train_epoch(model, sampler, criterion, opt, sched, plan, params.seed, epoch, dist, stop)
         train_time = time.perf_counter() - t0
-        pred = predict_labels(model, val_images, plan, multiple)
+        if not dist.is_main:  # other ranks: the same steps on their shards, nothing else
+            continue
+        pred = predict_labels(net, val_images, plan, multiple)
         m = SegmentationMetrics(params.n_classes)
         m.update(val_labels, pred)
         val = m.compute()
@@ -231,7 +319,7 @@ def run_train(params: Params) -> dict:
             best = {
                 "dice": val["dice"],
                 "epoch": epoch,
-                "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
             }
         log.info(
             "epoch %d/%d loss %.4f val dice %.4f overlap IoU %.4f (%.1f img/s)",
@@ -241,7 +329,7 @@ def run_train(params: Params) -> dict:
         _atomic_torch_save(
             {
                 "epoch": epoch,
-                "model": model.state_dict(),
+                "model": net.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state(),
@@ -252,7 +340,12 @@ def run_train(params: Params) -> dict:
             },
             ckpt_path,
         )
+        if stop.signum is not None and not dist.enabled:  # DDP ranks stop together in _train_epoch
+            raise TrainingInterruptedError(stop.signum)
 
+    ddp.barrier(dist)
+    if not dist.is_main:
+        return {"rank": dist.rank}
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL_FILE
@@ -280,10 +373,10 @@ def run_train(params: Params) -> dict:
     mlflow.log_metrics({"best_val_dice": best["dice"], "best_epoch": best["epoch"]})
     model_info = log_pyfunc_model(model_path, params, plan)
     mlflow.end_run()
-    (out_dir / RUN_FILE).write_text(
-        json.dumps({"run_id": run_id, "model_uri": model_info.model_uri}, indent=2) + "\n"
-    )
+    write_json(out_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_info.model_uri})
     write_json(cfg.metrics, summary)
+    if stop.signum is not None:
+        log.warning("%s arrived while writing outputs; they were completed", stop.signum)
     ckpt_path.unlink(missing_ok=True)
     log.info(
         "best val dice %.4f at epoch %d; model %s", best["dice"], best["epoch"] + 1, model_info.model_uri
@@ -292,8 +385,7 @@ def run_train(params: Params) -> dict:
 
 
 def write_history(path: str | Path, history: list[dict]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     keys = list(history[0])
     lines = [",".join(keys)] + [",".join(f"{r[k]:.6g}" for k in keys) for r in history]
-    p.write_text("\n".join(lines) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chromoseg.config import ConfigError, Params, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load_and_are_frozen():
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p, Params)
+    assert p.n_classes == (3 if p.combine_label else 4)
+    with pytest.raises(AttributeError):
+        p.train.epochs = 3  # type: ignore[misc]
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as exc:
+        params_from_dict({"train": {"epoch": 3}})
+    msg = str(exc.value)
+    assert "'epoch'" in msg and "train" in msg and "epochs" in msg and "batch_size" in msg
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match="combine_labels"):
+        params_from_dict({"combine_labels": True})
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"combine_label": "yes"}, "combine_label: expected true or false"),
+        ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
+        ({"train": {"lr": "fast"}}, "train.lr: expected a number"),
+        ({"prepare": {"label_policy": "fix"}}, "not one of ['none', 'drop', 'repair']"),
+        ({"train": {"class_weights_4": [1, 2]}}, "class_weights_4 needs 4 values"),
+        ({"train": {"decoder_channels": "wide"}}, "expected a list"),
+    ],
+)
+def test_mistyped_values(data, fragment):
+    with pytest.raises(ConfigError) as exc:
+        params_from_dict(data)
+    assert fragment in str(exc.value)
+
+
+def test_ints_accepted_as_floats_and_lists_become_tuples():
+    p = params_from_dict({"train": {"lr": 1, "decoder_channels": [8, 4, 2], "encoder_depth": 3}})
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+    assert p.train.decoder_channels == (8, 4, 2)
+
+
+def test_flat_params_include_combine_label_and_sections():
+    flat = params_from_dict({"combine_label": False}).flat()
+    assert flat["combine_label"] is False
+    assert flat["train.batch_size"] == Params().train.batch_size
+    assert "prepare.label_policy" in flat and "mlflow.experiment" in flat
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("train: {epochs: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(f)
+    f.write_text(yaml.safe_dump({"trian": {}}))
+    with pytest.raises(ConfigError, match=str(f)):
+        load_params(f)
+    with pytest.raises(ConfigError, match="no such parameter file"):
+        load_params(tmp_path / "missing.yaml")

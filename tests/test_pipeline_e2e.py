@@ -1,0 +1,135 @@
+"""End to end: the real `dvc repro` on a tiny synthetic set in a copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def _copy_repo(dst: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    proj = tmp_path_factory.mktemp("proj")
+    _copy_repo(proj)
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_RUN_ID", None)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["synth"]["n_images"] = 96
+    params["prepare"]["val_size"] = 8
+    params["train"].update(
+        epochs=1, samples_per_epoch=24, batch_size=8, encoder_depth=3, decoder_channels=[32, 16, 8]
+    )
+    params["evaluate"]["n_overlays"] = 4
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init", "--allow-empty"],
+    ):
+        _run(cmd, proj, env)
+    _run(["chromoseg", "synth"], proj, env)
+    _run(["dvc", "add", "-q", "data/raw"], proj, env)
+    _run(["git", "add", "-A"], proj, env)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], proj, env)
+    out = _run(["dvc", "repro"], proj, env)
+    return proj, env, out
+
+
+def test_repro_runs_all_stages_and_writes_metrics(project):
+    proj, _, out = project
+    for stage in ("prepare", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    ev = json.loads((proj / "metrics/eval.json").read_text())
+    assert ev["combine_label"] is True
+    assert ev["n_images"] > 0
+    assert 0.0 <= ev["dice"] <= 1.0
+    assert sorted(ev["dice_per_class"]) == ["background", "chromosome", "overlap"]
+    assert sorted(ev["iou_per_class"]) == ["background", "chromosome", "overlap"]
+    assert "iou_chromosomes_pi" in ev
+    assert (proj / "plots/eval/predictions.png").is_file()
+    assert (proj / "plots/train_history.csv").read_text().startswith("epoch,train_loss,val_dice")
+
+
+def test_mlflow_run_and_champion(project):
+    import mlflow
+
+    proj, _, _ = project
+    uri = f"sqlite:///{proj}/mlruns.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("chromoseg")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["combine_label"] == "True"
+    assert run.data.params["train.epochs"] == "1"
+    assert "dice" in run.data.metrics and "val_dice" in run.data.metrics and "train_loss" in run.data.metrics
+    ev = json.loads((proj / "metrics/eval.json").read_text())
+    assert run.data.metrics["dice"] == pytest.approx(ev["dice"])
+    assert "chromoseg.promotion" in run.data.tags
+    champ = client.get_model_version_by_alias("chromoseg-unet", "champion")
+    assert str(champ.version) == "1"
+    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/chromoseg-unet@champion")
+    from chromoseg.prepare import load_split
+
+    test = load_split(proj / "data/prepared", "test")
+    out = model.predict(test["images"][:3])
+    assert np.asarray(out["labels"]).shape == (3, 88, 88)
+    assert set(np.unique(out["labels"])) <= {0, 1, 2}
+
+
+def test_second_repro_runs_nothing_and_eval_param_reruns_only_eval(project):
+    proj, env, _ = project
+    out = _run(["dvc", "repro"], proj, env)
+    assert "Running stage" not in out
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["evaluate"]["n_overlays"] = 2
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], proj, env)
+    assert "Running stage 'evaluate'" in out and "Running stage 'register'" in out
+    assert "Running stage 'train'" not in out and "Running stage 'prepare'" not in out
+    reg = json.loads((proj / "metrics/register.json").read_text())
+    assert reg["version"] == 2 and reg["champion_version_before"] == 1
+
+
+def test_exp_run_four_classes(project):
+    proj, env, _ = project
+    _run(["git", "add", "-A"], proj, env)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "eval"], proj, env)
+    _run(["dvc", "exp", "run", "-S", "combine_label=false"], proj, env)
+    ev = json.loads((proj / "metrics/eval.json").read_text())
+    assert ev["combine_label"] is False
+    assert sorted(ev["iou_per_class"]) == ["background", "chromosome_a", "chromosome_b", "overlap"]
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], proj, env))
+    text = json.dumps(shown)
+    assert text.count('"dice"') >= 2
