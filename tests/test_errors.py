@@ -300,7 +300,7 @@ def registry(tmp_path, monkeypatch):
 def test_registry_missing_alias(registry):
     from chromoseg.registry import resolve_model_uri
 
-    assert resolve_model_uri("models:/chromoseg-unet@champion", registry).version == "1"
+    assert str(resolve_model_uri("models:/chromoseg-unet@champion", registry).version) == "1"
     with pytest.raises(ValueError) as err:
         resolve_model_uri("models:/chromoseg-unet@nope", registry)
     msg = str(err.value)

@@ -132,11 +132,12 @@ def measure_train(cfg: TrainConfig, n_classes: int, variant: Variant, budget: Bu
 
     for _ in range(budget.warmup):
         step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(budget.train_steps):
         step()
-    dt = time.perf_counter() - t0
-    return {"img_s": budget.train_steps * TRAIN_BATCH / dt, "seconds": dt, "plan": plan.describe()}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = budget.train_steps * TRAIN_BATCH
+    return {"img_s": n / dt, "img_per_cpu_s": n / cpu, "seconds": dt, "plan": plan.describe()}
 
 
 def measure_infer(
@@ -158,11 +159,18 @@ def measure_infer(
     for _ in range(warmup):
         pred.predict_logits(images)
     setup = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_calls):
         pred.predict_logits(images)
-    dt = time.perf_counter() - t0
-    return {"img_s": n_calls * batch / dt, "seconds": dt, "setup_s": setup, "backend": pred.backend}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = n_calls * batch
+    return {
+        "img_s": n / dt,
+        "img_per_cpu_s": n / cpu,
+        "seconds": dt,
+        "setup_s": setup,
+        "backend": pred.backend,
+    }
 
 
 def run_phase(
@@ -357,6 +365,7 @@ def sweep(
             r = bench_variant(cfg, n_classes, v, budget, threads, emulate_avx2, phases)
             rows.append({"config": name, "variant": v.name, **counts,
                          **{f"{ph}_img_s": r[ph]["img_s"] for ph in phases},
+                         **{f"{ph}_img_per_cpu_s": r[ph]["img_per_cpu_s"] for ph in phases},
                          "min_cpu_util": min(r[ph]["cpu_util"] for ph in phases)})  # fmt: skip
             log.info("%s", rows[-1])
     return rows
@@ -365,7 +374,7 @@ def sweep(
 def format_sweep(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'config':<10}{'variant':<12}{'params M':>9}{'used M':>8}{'train':>9}{'inf b1':>9}{'inf b64':>9}"
-        f"{'cpu %':>7}"
+        f"{'cpu %':>7}{'train/cpu-s':>12}{'b64/cpu-s':>10}"
     )
     out = [head]
     for r in rows:
@@ -373,6 +382,7 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"{r['config']:<10}{r['variant']:<12}{r['params'] / 1e6:>9.2f}{r['params_used'] / 1e6:>8.2f}"
             f"{tr:>9}{r['infer_b1_img_s']:>9.1f}{r['infer_b64_img_s']:>9.1f}{r['min_cpu_util']:>7.0%}"
+            f"{r.get('train_img_per_cpu_s', float('nan')):>12.1f}{r['infer_b64_img_per_cpu_s']:>10.1f}"
         )
     return "\n".join(out)
 

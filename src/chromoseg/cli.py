@@ -5,6 +5,7 @@ Heavy imports (torch, mlflow) happen inside the commands so that `chromoseg --he
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -177,11 +178,26 @@ def bench(
     typer.echo(json.dumps(res, indent=1) if as_json else b.format_compare(res))
 
 
+@app.command("evaluate-external")
+def evaluate_external(
+    labelme: Annotated[Path, typer.Option("--labelme", help="Folder of labelme JSON files (two polygons each).")],
+    model: Annotated[
+        str, typer.Option("--model", help="models:/NAME@ALIAS, runs:/ID/model, a model folder or a model.pt file.")
+    ] = "models:/chromoseg-unet@champion",
+    out: Annotated[Path, typer.Option("--out", help="Metrics JSON to write (same keys as eval.json).")] = Path(
+        "metrics/eval_external.json"
+    ),
+) -> None:
+    """Score a model on real labelme-annotated images (rescaled to the 88x88 scale)."""
+    from chromoseg.evaluate import run_evaluate_external
+
+    m = run_guarded(run_evaluate_external, labelme, model, out)
+    typer.echo(json.dumps({k: m[k] for k in ("dice", "iou_overlap", "iou_chromosomes_pi") if k in m}))
+
+
 @app.command()
 def summary(params: ParamsOpt = Path("params.yaml")) -> None:
     """Print the pipeline's headline figures (test dice, IoUs, registry verdict)."""
-    import json
-
     p = _params(params)
     lines = []
     for label, path in (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,67 @@ def log_to_mlflow(params: Params, metrics: dict, plots: Path, execution: dict[st
             mlflow.log_artifact(str(f), "eval/plots")
     mlflow.end_run()
     return run.info.run_id
+
+
+def load_any_model(model: str):
+    """A pyfunc from an MLflow URI (`models:/name@alias`, `runs:/...`, a model folder) or a `model.pt`.
+
+    Returns (predict function (N, H, W) uint8 -> output dict, combine_label, ab_order).
+    """
+    p = Path(model)
+    if p.suffix == ".pt" and p.is_file():
+        from chromoseg.serving import postprocess, predictor_from_checkpoint
+
+        predictor, ck = predictor_from_checkpoint(p)
+
+        def predict(images: np.ndarray) -> dict:
+            x = images.astype(np.float32) / 255.0
+            return postprocess(predictor.predict_labels(x), bool(ck["combine_label"]), x)
+
+        return predict, bool(ck["combine_label"]), ck.get("ab_order", "area")
+    import mlflow
+
+    from chromoseg.config import load_params
+    from chromoseg.tracking import setup_mlflow
+
+    if "MLFLOW_TRACKING_URI" not in os.environ and Path("params.yaml").is_file():
+        setup_mlflow(load_params().mlflow)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(model)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a bad URI
+        raise FileNotFoundError(
+            f"cannot load model {model!r} ({type(exc).__name__}: {str(exc)[:200]}); give a registered "
+            f"model URI such as models:/chromoseg-unet@champion (tracking store "
+            f"{mlflow.get_tracking_uri()}), a runs:/ URI, or a models/model.pt file"
+        ) from exc
+    inner = pyfunc.unwrap_python_model()
+    return pyfunc.predict, bool(inner.combine_label), getattr(inner, "ab_order", "area")
+
+
+def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) -> dict:
+    """Score any model on a folder of labelme-annotated real images; same keys as metrics/eval.json."""
+    from chromoseg.data.labelme import load_labelme_dir
+    from chromoseg.labels import canonical_ab, combine_labels
+
+    images, truth4, scales, names = load_labelme_dir(labelme_dir)
+    predict, combine_label, ab_order = load_any_model(model)
+    truth4 = canonical_ab(truth4, ab_order)
+    res = predict(images)
+    pred4 = instances_to_labels4(np.asarray(res["mask_a"]), np.asarray(res["mask_b"]))
+    labels = np.asarray(res["labels"], np.uint8)
+    truth = combine_labels(truth4) if combine_label else truth4
+    metrics, _ = score(labels, truth, truth4, combine_label, pred4)
+    metrics.update(
+        {
+            "source": str(labelme_dir),
+            "model": str(model),
+            "images": names,
+            "scale_factors": [round(float(s), 4) for s in scales],
+        }
+    )
+    write_json(out, metrics)
+    log.info(
+        "%s on %d real images: dice %.4f, overlap IoU %.4f, chromosomes PI IoU %s",
+        model, len(images), metrics["dice"], metrics["iou_overlap"], metrics.get("iou_chromosomes_pi"),
+    )  # fmt: skip
+    return metrics

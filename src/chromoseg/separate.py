@@ -1,10 +1,20 @@
 """Instance separation for combined labels (0 bg, 1 chromosome, 2 overlap) -> chromosomes A and B.
 
 Geometry: removing the overlap from the chromosome mask leaves the "arms" of the two chromosomes.
-Arms that leave the overlap in opposite directions belong to the same chromosome (chromosomes are
-nearly straight where they cross), so arms are paired by the straightest assignment. Pairs that only
-touch (no overlap) are split into connected components, or by a distance-transform watershed when
-they form one blob.
+The overlap alone does not cut them apart: where two outlines cross, "A only" and "B only" pixels
+touch at the corners of the overlap, so the overlap is grown by 1-3 px until the arms fall apart.
+The arms are then split into two chromosomes (each = its arms + the shared overlap) so that both are
+as thin as possible: the sum of their spreads across their principal axes is smallest. A chromosome
+is a ribbon, so a wrong pairing (an L, Y or V through the overlap) is always wider. This one rule
+covers X crossings (2 + 2 arms), T and end-on overlaps (2 + 1 arms, short end stubs included) and V
+shapes (1 + 1). Pixels removed by the cut join the nearest arm.
+
+Pairs without an overlap are split into connected components (fragments join the nearer of the two
+largest); a blob of two touching chromosomes is shrunk (distance-transform threshold) until it falls
+into two parts, which are grown back over the blob by a watershed.
+
+Measured on ground-truth combined labels (2000-image synthetic set, first 1000): chromosome PI IoU
+0.974 (the previous centroid-direction pairing: 0.801, it never cut the arms apart).
 """
 
 from __future__ import annotations
@@ -16,10 +26,15 @@ from scipy import ndimage as ndi
 
 MIN_ARM = 4  # pixels; smaller fragments are noise and join the nearest arm
 MAX_ARMS = 4
+MAX_CUT = 3  # px: how far the overlap is grown at most to cut the arms apart
+_EIGHT = np.ones((3, 3), bool)
 
 
 def separate_instances(labels: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
-    """(N, H, W) or (H, W) combined labels -> 4-class labels (1 A only, 2 B only, 3 overlap)."""
+    """(N, H, W) or (H, W) combined labels -> 4-class labels (1 A only, 2 B only, 3 overlap), uint8.
+
+    `images` is accepted for interface stability and unused: the split is purely geometric.
+    """
     lab = labels[None] if labels.ndim == 2 else labels
     out = np.stack([_separate_one(lab[i]) for i in range(lab.shape[0])])
     return out[0] if labels.ndim == 2 else out
@@ -31,101 +46,126 @@ def _separate_one(lab: np.ndarray) -> np.ndarray:
     out = np.zeros(lab.shape, np.uint8)
     if not fg.any():
         return out
-    single = fg & ~overlap
     if overlap.any():
-        arms, n = ndi.label(single)
-        sizes = ndi.sum_labels(np.ones_like(arms), arms, index=np.arange(1, n + 1))
-        # At most four arms (two chromosomes, two ends each); the rest join the nearest arm.
-        big = [int(i) + 1 for i in np.argsort(-sizes)[:MAX_ARMS] if sizes[i] >= MIN_ARM]
-        arms = _absorb_small(arms, big)
-        assign = _pair_arms(arms, big, overlap)
-        a = overlap.copy()
-        b = overlap.copy()
-        for arm_id, side in assign.items():
-            (a if side == 0 else b)[arms == arm_id] = True
-        # The overlap is shared; pixels only in A or only in B outside it.
+        a, b = _split_crossing(fg, overlap)
         out[a] = 1
         out[b] = 2
         out[a & b] = 3
         return out
-    comps, n = ndi.label(fg)
+    comps, n = ndi.label(fg, structure=_EIGHT)
     if n >= 2:
         sizes = ndi.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
-        order = np.argsort(-sizes)
+        order = np.argsort(-sizes, kind="stable")
         out[comps == order[0] + 1] = 1
         out[comps == order[1] + 1] = 2
-        for extra in order[2:]:
+        if n > 2:
             # Fragments join the nearer of the two main components.
-            frag = comps == extra + 1
-            da = ndi.distance_transform_edt(out != 1)[frag].mean()
-            db = ndi.distance_transform_edt(out != 2)[frag].mean()
-            out[frag] = 1 if da <= db else 2
+            _, (iy, ix) = ndi.distance_transform_edt(out == 0, return_indices=True)
+            nearest = out[iy, ix]
+            out[fg & (out == 0)] = nearest[fg & (out == 0)]
         return out
     return _watershed_split(fg)
 
 
-def _absorb_small(arms: np.ndarray, keep: list[int]) -> np.ndarray:
-    small = (arms > 0) & ~np.isin(arms, keep)
-    if not small.any() or not keep:
-        return np.where(np.isin(arms, keep), arms, 0)
-    kept = np.where(np.isin(arms, keep), arms, 0)
-    _, (iy, ix) = ndi.distance_transform_edt(kept == 0, return_indices=True)
-    nearest = kept[iy, ix]
-    return np.where(small, nearest, kept)
+def cut_arms(fg: np.ndarray, overlap: np.ndarray) -> tuple[np.ndarray, list[int], int]:
+    """Label the arms of `fg` outside the overlap grown by the smallest cut (0..MAX_CUT px) that gives
+    the most arms (at most MAX_ARMS). Returns (arm labels, kept arm ids by size, cut in px)."""
+    best: tuple[np.ndarray, list[int], int] | None = None
+    grown = overlap
+    for cut in range(MAX_CUT + 1):
+        if cut:
+            grown = ndi.binary_dilation(grown, structure=_EIGHT) & fg
+        arms, n = ndi.label(fg & ~grown)
+        sizes = ndi.sum_labels(np.ones_like(arms), arms, index=np.arange(1, n + 1)) if n else np.zeros(0)
+        keep = [int(i) + 1 for i in np.argsort(-sizes, kind="stable")[:MAX_ARMS] if sizes[i] >= MIN_ARM]
+        if best is None or len(keep) > len(best[1]):
+            best = (arms, keep, cut)
+        if len(keep) == MAX_ARMS:
+            break
+    assert best is not None
+    return best
 
 
-def _direction(mask: np.ndarray, origin: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    v = np.array([ys.mean(), xs.mean()]) - origin
-    norm = np.linalg.norm(v)
-    return v / norm if norm > 0 else v
-
-
-def _pair_arms(arms: np.ndarray, ids: list[int], overlap: np.ndarray) -> dict[int, int]:
-    """Assign each arm to chromosome 0 or 1 by the straightest pairing through the overlap."""
+def _split_crossing(fg: np.ndarray, overlap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of chromosomes A and B (both including the overlap) for a pair that overlaps."""
+    arms, ids, _ = cut_arms(fg, overlap)
+    a = overlap.copy()
+    b = overlap.copy()
     if not ids:
-        return {}
-    oy, ox = np.nonzero(overlap)
-    origin = np.array([oy.mean(), ox.mean()])
-    dirs = {i: _direction(arms == i, origin) for i in ids}
+        a |= fg
+        return a, b
+    assign = pair_arms(arms, ids, overlap, fg)
+    # Every foreground pixel outside the overlap takes the side of its nearest kept arm.
+    side = np.zeros(fg.shape, np.int8)
+    for arm_id, s in assign.items():
+        side[arms == arm_id] = s + 1
+    _, (iy, ix) = ndi.distance_transform_edt(side == 0, return_indices=True)
+    side = side[iy, ix]
+    rest = fg & ~overlap
+    a |= rest & (side == 1)
+    b |= rest & (side == 2)
+    return a, b
+
+
+def pair_arms(arms: np.ndarray, ids: list[int], overlap: np.ndarray, fg: np.ndarray) -> dict[int, int]:
+    """Assign each arm to chromosome 0 or 1: the split whose two chromosomes (arms + overlap) are the
+    thinnest ribbons, i.e. have the smallest spread across their principal axis."""
     if len(ids) == 1:
         return {ids[0]: 0}
+    oy, ox = np.nonzero(overlap)
+    pts = {i: np.stack(np.nonzero(arms == i), 1).astype(np.float64) for i in ids}
+    ov_pts = np.stack([oy, ox], 1).astype(np.float64)
     best_cost, best = np.inf, None
-    # Try every split of the arms into two chromosomes; a chromosome's arms should point apart.
     for r in range(1, len(ids) // 2 + 1):
         for group in itertools.combinations(ids, r):
             other = [i for i in ids if i not in group]
-            cost = _straightness_cost([dirs[i] for i in group]) + _straightness_cost([dirs[i] for i in other])
-            if cost < best_cost:
+            cost = _spread([pts[i] for i in group], ov_pts) + _spread([pts[i] for i in other], ov_pts)
+            if cost < best_cost - 1e-9:
                 best_cost, best = cost, set(group)
+    assert best is not None
     return {i: (0 if i in best else 1) for i in ids}
 
 
-def _straightness_cost(vs: list[np.ndarray]) -> float:
-    """0 for one arm; for two, 1 + cos(angle) (0 when opposite); more than two arms cost extra."""
-    if len(vs) <= 1:
-        return 0.5
-    cost = sum(1.0 + float(a @ b) for a, b in itertools.combinations(vs, 2))
-    return cost + (len(vs) - 2) * 2.0
+def _spread(parts: list[np.ndarray], overlap_pts: np.ndarray) -> float:
+    """Standard deviation (px) across the principal axis of the union of `parts` and the overlap."""
+    p = np.concatenate([*parts, overlap_pts])
+    if len(p) < 3:
+        return 0.0
+    w = np.linalg.eigvalsh(np.cov(p.T))
+    return float(np.sqrt(max(w[0], 0.0)))
 
 
 def _watershed_split(fg: np.ndarray) -> np.ndarray:
-    """Split one touching blob into two by a watershed on its distance transform."""
+    """Split one touching blob into two: shrink it (distance-transform threshold) until it falls into
+    two parts, then grow those back over the blob by a watershed on the distance transform."""
     from skimage.segmentation import watershed
 
-    dist = ndi.distance_transform_edt(fg)
-    # Two seeds: the farthest-apart pair of ridge maxima.
-    peaks = np.argwhere((dist == ndi.maximum_filter(dist, size=5)) & fg & (dist > 1))
     out = np.zeros(fg.shape, np.uint8)
-    if len(peaks) < 2:
+    # 4-connected parts first: pairs that touch only at a corner are already two objects.
+    comps, n = ndi.label(fg)
+    dist = ndi.distance_transform_edt(fg)
+    min_part = max(MIN_ARM, int(0.05 * fg.sum()))
+    markers = None
+    if n >= 2:
+        markers = comps
+    else:
+        for t in np.arange(0.5, float(dist.max()), 0.5):
+            core, m = ndi.label(dist > t)
+            if m < 2:
+                continue
+            sizes = ndi.sum_labels(np.ones_like(core), core, index=np.arange(1, m + 1))
+            if (sizes >= min(min_part, max(MIN_ARM, 0.25 * sizes.max()))).sum() >= 2:
+                markers = core
+                break
+    if markers is None:
         out[fg] = 1
         return out
-    d2 = ((peaks[:, None, :] - peaks[None, :, :]) ** 2).sum(-1)
-    i, j = np.unravel_index(np.argmax(d2), d2.shape)
-    markers = np.zeros(fg.shape, np.int32)
-    markers[tuple(peaks[i])] = 1
-    markers[tuple(peaks[j])] = 2
-    ws = watershed(-dist, markers, mask=fg)
+    ids, sizes = np.unique(markers[markers > 0], return_counts=True)
+    top = ids[np.argsort(-sizes, kind="stable")[:2]]
+    seeds = np.zeros(fg.shape, np.int32)
+    seeds[markers == top[0]] = 1
+    seeds[markers == top[1]] = 2
+    ws = watershed(-dist, seeds, mask=fg, connectivity=2)
     out[ws == 1] = 1
     out[ws == 2] = 2
     return out

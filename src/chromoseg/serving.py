@@ -1,13 +1,31 @@
-"""The registered model: an MLflow pyfunc with its own pre- and post-processing.
+"""The registered model: an MLflow pyfunc with its own validation, pre- and post-processing.
 
-Input: grey images, (H, W) or (N, H, W), uint8 0..255 or float 0..1. Output per batch: `labels`
-(N, H, W) in the model's label space, and the instance masks `mask_a`, `mask_b` (each chromosome
-including the overlap) and `overlap`, as uint8 0/1.
+Input (any of):
+
+- one grey image (H, W) or a batch (N, H, W), uint8 / integer 0..255 or float (0..1, or 0..255 when
+  the maximum is above 1); a list of such images of different sizes;
+- base64-encoded PNG (or any PIL-readable) strings: a list / 1-D array of strings, or a one-column
+  DataFrame of strings (what MLflow's ``dataframe_split`` / ``dataframe_records`` JSON delivers);
+- ``{"images": ...}`` holding any of the above.
+
+Each side must be 8..``max_side`` px (default 2048; ``CHROMOSEG_MAX_SIDE`` env var or
+``model_config={"max_side": ...}``). Images are grouped by size, padded to what the network needs,
+batched, and cropped back. Output: a dict of ``labels`` (the model's label space), ``mask_a`` and
+``mask_b`` (each chromosome including the overlap) and ``overlap``, each uint8: an (N, H, W) array
+when all images have one size, else a list of N (H_i, W_i) arrays. Through the scoring server both
+become ``{"predictions": {"labels": [image_0, ...], ...}}`` with each image a nested list of ints.
+
+Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with a short message.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +35,14 @@ log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
 PACKAGE_DIR = Path(__file__).resolve().parent
+OUTPUT_KEYS = ("labels", "mask_a", "mask_b", "overlap")
+MIN_SIDE = 8
+DEFAULT_MAX_SIDE = 2048
+MAX_SIDE_ENV = "CHROMOSEG_MAX_SIDE"
+
+
+class InputError(ValueError):
+    """Model input that cannot be served; the message is short (the server echoes the input too)."""
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -37,33 +63,157 @@ def predictor_from_checkpoint(path: str | Path, precision: str | None = None, ba
     return Predictor(ck["state_dict"], cfg, ck["n_classes"], plan, backend=backend), ck
 
 
-def to_float_images(x: Any) -> np.ndarray:
-    """Validate and convert user input to (N, H, W) float32 in [0, 1]. Raise ValueError with the fix."""
-    if isinstance(x, dict) and len(x) == 1:
-        # A named tensor signature hands the input over as {"images": array}.
+# ---------------------------------------------------------------------------------------------- input
+
+
+def decode_png(s: str | bytes, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
+    """A base64 string (optionally a ``data:image/...;base64,`` URI) -> (H, W) uint8 grey image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(s, str):
+        s = s.split(",", 1)[1] if s.startswith("data:") else s
+        s = s.encode("ascii", errors="replace")
+    try:
+        raw = base64.b64decode(s, validate=True)
+        img = Image.open(io.BytesIO(raw))
+    except (binascii.Error, ValueError) as exc:
+        raise InputError("is not valid base64") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError("is base64 but not a PNG/JPEG/TIFF image") from exc
+    w, h = img.size
+    # Checked before decoding the pixels: a small file can declare a huge image.
+    _check_size(h, w, max_side)
+    try:
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise InputError("is a truncated or corrupt image") from exc
+
+
+def _check_size(h: int, w: int, max_side: int) -> None:
+    if min(h, w) < MIN_SIDE or max(h, w) > max_side:
+        raise InputError(f"is {h}x{w} px; each side must be {MIN_SIDE}..{max_side} px")
+
+
+def _is_text(x: Any) -> bool:
+    return isinstance(x, str | bytes | np.str_ | np.bytes_)
+
+
+def _unwrap(x: Any) -> Any:
+    """Strip the containers MLflow and clients wrap images in: dict of one input, DataFrame, Series."""
+    import pandas as pd
+
+    if isinstance(x, dict):
+        if len(x) != 1:
+            raise InputError(f"send one input (e.g. 'images'), got {len(x)}: {sorted(map(str, x))[:4]}")
         x = next(iter(x.values()))
-    arr = np.asarray(x)
+    if isinstance(x, pd.DataFrame):
+        if x.shape[1] != 1:
+            raise InputError(f"send a DataFrame with one column of images, got {x.shape[1]} columns")
+        x = x.iloc[:, 0]
+    if isinstance(x, pd.Series):
+        x = x.tolist()
+    return x
+
+
+def split_images(x: Any, max_side: int = DEFAULT_MAX_SIDE) -> list[np.ndarray]:
+    """Any accepted input (see module doc) -> list of (H, W) float32 images in [0, 1].
+
+    Raises InputError naming the problem and the offending image.
+    """
+    x = _unwrap(x)
+    if (isinstance(x, list | tuple) and len(x) == 0) or (isinstance(x, np.ndarray) and x.size == 0):
+        raise InputError("input is empty; send at least one image")
+    if isinstance(x, np.ndarray) and x.dtype != object and not _is_text(x.flat[0] if x.size else 0):
+        if x.ndim not in (2, 3):
+            raise InputError(f"input has {x.ndim} dims {x.shape}; send (H, W) or (N, H, W) grey images")
+        items: Sequence[Any] = [x] if x.ndim == 2 else list(x)
+    else:
+        if _is_text(x):
+            x = [x]
+        if isinstance(x, np.ndarray):
+            x = x.tolist()
+        if not isinstance(x, list | tuple):
+            raise InputError(f"input type {type(x).__name__} is not an image, list of images or PNG strings")
+        if any(_is_text(v) for v in x):
+            items = list(x)
+        else:
+            # Nested lists from JSON: one (H, W) image or a batch; images may differ in size.
+            arr = _as_array(x)
+            if arr is None:  # ragged: a list of images of different sizes
+                items = list(x)
+            elif arr.ndim in (2, 3):
+                items = [arr] if arr.ndim == 2 else list(arr)
+            else:
+                raise InputError(
+                    f"input has {arr.ndim} dims {arr.shape}; send (H, W) or (N, H, W) grey images"
+                )
+    if len(items) == 0:
+        raise InputError("input is empty; send at least one image")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(_one_image(item, max_side))
+        except InputError as exc:
+            raise InputError(f"image {i} {exc}") from None
+    return out
+
+
+def _as_array(x: Any) -> np.ndarray | None:
+    """np.asarray, or None for ragged nesting (images of different sizes)."""
+    try:
+        arr = np.asarray(x)
+    except ValueError:
+        return None
+    return None if arr.dtype == object else arr
+
+
+def _one_image(item: Any, max_side: int) -> np.ndarray:
+    if _is_text(item):
+        return decode_png(item, max_side).astype(np.float32) / 255.0
+    arr = item if isinstance(item, np.ndarray) else _as_array(item)
+    if arr is None:
+        raise InputError("is ragged or mixes types; send equal-length rows of numbers")
     if arr.dtype == object:
-        raise ValueError("input must be numeric grey images, (H, W) or (N, H, W)")
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"input has {arr.ndim} dimensions {arr.shape}; send (H, W) or (N, H, W) grey images")
+        arr = _as_array(arr.tolist())
+        if arr is None:
+            raise InputError("is ragged or mixes types; send equal-length rows of numbers")
+    if arr.ndim != 2:
+        raise InputError(f"has {arr.ndim} dims {arr.shape}; each image must be (H, W) grey")
     if arr.size == 0:
-        raise ValueError(f"input is empty {arr.shape}; send at least one image")
+        raise InputError(f"is empty {arr.shape}")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise InputError(f"has dtype {arr.dtype}; send numbers (uint8 0..255 or float 0..1)")
+    _check_size(*arr.shape, max_side)
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"input dtype {arr.dtype} is not numeric")
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError("input contains NaN or infinite values")
-    # Floats above 1 are taken as 0..255 grey values.
-    return arr / 255.0 if arr.max() > 1.0 else arr
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(f"has dtype {arr.dtype}; send real numbers")
+    f = arr.astype(np.float32)
+    if not np.isfinite(f).all():
+        raise InputError("contains NaN or infinite values")
+    lo, hi = float(f.min()), float(f.max())
+    if lo < 0 or hi > 255:
+        raise InputError(f"has values {lo:g}..{hi:g}; send 0..255 or 0..1")
+    # Integers are grey values 0..255; floats too when above 1, else already 0..1.
+    if np.issubdtype(arr.dtype, np.integer) or hi > 1.0:
+        f = f / 255.0
+    return f
+
+
+def to_float_images(x: Any, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
+    """Validate same-size input -> (N, H, W) float32 in [0, 1]. Raise ValueError (InputError) with the fix."""
+    images = split_images(x, max_side)
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise InputError(f"images differ in size {sorted(shapes)[:3]}; use split_images for mixed sizes")
+    return np.stack(images)
+
+
+# ---------------------------------------------------------------------------------------------- output
 
 
 def postprocess(labels: np.ndarray, combine_label: bool, images: np.ndarray | None = None) -> dict:
-    """Label maps -> dict of label map and instance masks (A, B include the overlap)."""
+    """(N, H, W) label maps -> dict of label map and instance masks (A, B include the overlap), uint8."""
     from chromoseg.labels import labels_to_instances
 
     if combine_label:
@@ -81,6 +231,26 @@ def postprocess(labels: np.ndarray, combine_label: bool, images: np.ndarray | No
     }
 
 
+def predict_images(predictor, images: list[np.ndarray], combine_label: bool) -> dict:
+    """Run images of any sizes: grouped by size, one batched call per group, results in input order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.shape, []).append(i)
+    if len(groups) == 1:
+        x = np.stack(images)
+        return postprocess(predictor.predict_labels(x), combine_label, x)
+    out: dict[str, list] = {k: [None] * len(images) for k in OUTPUT_KEYS}
+    for idx in groups.values():
+        x = np.stack([images[i] for i in idx])
+        res = postprocess(predictor.predict_labels(x), combine_label, x)
+        for k in OUTPUT_KEYS:
+            for j, i in enumerate(idx):
+                out[k][i] = res[k][j]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- pyfunc
+
 try:
     import mlflow.pyfunc
 
@@ -89,47 +259,79 @@ except ImportError:  # pragma: no cover
     _Base = object
 
 
+def resolve_max_side(model_config: dict | None = None) -> int:
+    """Largest accepted image side: env CHROMOSEG_MAX_SIDE, else model_config['max_side'], else 2048."""
+    raw = os.environ.get(MAX_SIDE_ENV) or (model_config or {}).get("max_side") or DEFAULT_MAX_SIDE
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{MAX_SIDE_ENV}/max_side must be an integer number of pixels, got {raw!r}"
+        ) from None
+    if value < MIN_SIDE:
+        raise ValueError(f"{MAX_SIDE_ENV}/max_side must be >= {MIN_SIDE}, got {value}")
+    return value
+
+
 class ChromosegModel(_Base):
-    """MLflow pyfunc wrapper around `infer.Predictor`."""
+    """MLflow pyfunc wrapper around `infer.Predictor` (see the module doc for input and output)."""
 
     def load_context(self, context) -> None:
         self.predictor, ck = predictor_from_checkpoint(context.artifacts[MODEL_ARTIFACT])
         self.combine_label = bool(ck["combine_label"])
+        self.max_side = resolve_max_side(getattr(context, "model_config", None))
+        log.info(
+            "chromoseg model loaded: combine_label=%s, max_side=%d, %s",
+            self.combine_label, self.max_side, self.predictor.describe(),
+        )  # fmt: skip
 
     def predict(self, context, model_input, params: dict | None = None) -> dict:
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
         try:
-            images = to_float_images(model_input)
-        except ValueError as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        labels = self.predictor.predict_labels(images)
-        return postprocess(labels, self.combine_label, images)
+            images = split_images(model_input, getattr(self, "max_side", DEFAULT_MAX_SIDE))
+        except InputError as exc:
+            raise MlflowException(f"chromoseg: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+        return predict_images(self.predictor, images, self.combine_label)
+
+
+def default_example() -> np.ndarray:
+    """(1, 88, 88) uint8: one synthetic overlapping pair, the input example logged with the model."""
+    from chromoseg.config import SynthConfig
+    from chromoseg.data.synth import generate
+
+    images, _, _ = generate(SynthConfig(), n=1)
+    return np.ascontiguousarray(images[:1], dtype=np.uint8)
+
+
+def model_signature():
+    """Signature: any input (validated by the model itself), four uint8 (N, H, W) outputs.
+
+    The input spec is an unnamed object tensor on purpose: MLflow then passes arrays, PNG strings and
+    DataFrames through unchanged, so the model answers bad input with its own short 400 message
+    instead of MLflow's cast errors (which would turn floats into uint8 silently).
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(object), (-1,))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name=n) for n in OUTPUT_KEYS]),
+    )
 
 
 def log_pyfunc_model(model_path: str | Path, params, plan, example: np.ndarray | None = None):
     """Log the checkpoint as a pyfunc model (with signature and input example) to the active run."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     if example is None:
-        example = np.zeros((1, 88, 88), np.uint8)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name="images")]),
-        outputs=Schema(
-            [
-                TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name=n)
-                for n in ("labels", "mask_a", "mask_b", "overlap")
-            ]
-        ),
-    )
+        example = default_example()
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=ChromosegModel(),
         artifacts={MODEL_ARTIFACT: str(model_path)},
         code_paths=[str(PACKAGE_DIR)],
-        signature=signature,
+        signature=model_signature(),
         input_example=example,
         pip_requirements=_requirements(),
     )
