@@ -219,7 +219,7 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
     if "iou_chromosomes_pi" in ev:
         out.append(f"  chromosomes IoU (A/B PI)    {ev['iou_chromosomes_pi']:.4f}")
     out += [
-        f"  per-class IoU               " + ", ".join(f"{k} {v:.4f}" for k, v in ev["iou_per_class"].items()),
+        "  per-class IoU               " + ", ".join(f"{k} {v:.4f}" for k, v in ev["iou_per_class"].items()),
         f"  training                    {tr['train_seconds']} s, best val dice {tr['best_val_dice']:.4f}"
         f" at epoch {tr['best_epoch'] + 1}, {tr['precision']}",
         f"  registry                    {reg['verdict']}",

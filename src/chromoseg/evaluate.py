@@ -243,7 +243,7 @@ def load_any_model(model: str):
         setup_mlflow(load_params().mlflow)
     try:
         pyfunc = mlflow.pyfunc.load_model(model)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a bad URI
+    except Exception as exc:
         raise FileNotFoundError(
             f"cannot load model {model!r} ({type(exc).__name__}: {str(exc)[:200]}); give a registered "
             f"model URI such as models:/chromoseg-unet@champion (tracking store "
