@@ -42,7 +42,8 @@ start() {
     -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off" \
     start >&2 || { cat "$dir/server.log" >&2; exit 1; }
   as_pg "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres mlflow >&2
-  echo "postgresql://postgres@127.0.0.1:$port/mlflow $dir"
+  # The driver named explicitly: SQLAlchemy 2.1 defaults to psycopg 3, the extra installs psycopg2.
+  echo "postgresql+psycopg2://postgres@127.0.0.1:$port/mlflow $dir"
 }
 
 stop() {

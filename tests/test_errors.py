@@ -283,7 +283,9 @@ def registry(tmp_path, monkeypatch):
     """A sqlite registry with model `chromoseg-unet` v1 under alias `champion` (no training needed)."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    # The store `project` uses by default (params.yaml's sqlite:///mlruns.db in its folder).
+    (tmp_path / "proj").mkdir(exist_ok=True)
+    uri = f"sqlite:///{tmp_path / 'proj' / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -318,11 +320,14 @@ def test_registry_missing_version_and_model(registry):
 
 
 def test_predict_missing_alias(project, registry):
-    """`chromoseg predict --model models:/chromoseg-unet@nope` (skipped until the command exists)."""
+    """`chromoseg predict --model models:/chromoseg-unet@nope`: a one-line error naming the aliases."""
     if chromoseg(["predict", "--help"], project).returncode != 0:
         pytest.skip("`chromoseg predict` not implemented yet")
-    np.save(project / "x.npy", np.zeros((1, 88, 88), np.uint8))
-    res = chromoseg(["predict", "--model", "models:/chromoseg-unet@nope", "x.npy"], project)
-    assert res.returncode != 0
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert "nope" in res.stderr
+    from PIL import Image
+
+    Image.fromarray(np.zeros((88, 88), np.uint8)).save(project / "x.png")
+    run_and_check(
+        project, ["predict", "--model", "models:/chromoseg-unet@nope", "--out", "pred", "x.png"],
+        "models:/chromoseg-unet@nope", changed=("x.png", "mlruns.db"),
+    )  # fmt: skip
+    assert not (project / "pred").exists()

@@ -16,6 +16,15 @@ TINY = TrainConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8,
 FP32 = exec_plan("fp32", "off", device="cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two OpenMP threads on a busy 2-core machine stall at barriers (minutes instead of seconds).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -196,6 +196,84 @@ def evaluate_external(
 
 
 @app.command()
+def predict(
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files (PNG/JPEG/TIFF) or labelme JSON files (embedded image).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (labels PNG, overlay PNG, JSON).")] = Path(
+        "predictions"
+    ),
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model URI loaded in-process (default models:/chromoseg-unet@champion)."),
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="A running scoring server instead, e.g. http://127.0.0.1:5001.")
+    ] = None,
+    scale: Annotated[
+        float,
+        typer.Option(help="Resize factor before inference (0.5 for real-dev images, ~2x the 88x88 scale)."),
+    ] = 1.0,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Segment images: per image a label PNG, an A/B/overlap overlay and a JSON summary."""
+    import json
+
+    from chromoseg.predict import DEFAULT_MODEL, PredictError, predict_files
+
+    if url is None:
+        model = model or DEFAULT_MODEL
+        _point_mlflow(params)
+    try:
+        rows = predict_files(images, out, model=model, url=url, scale=scale)
+    except PredictError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(rows, indent=1))
+
+
+def _point_mlflow(params: Path) -> None:
+    """Use the project's tracking store (params.yaml) unless MLFLOW_TRACKING_URI is set."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or not params.is_file():
+        return
+    import mlflow
+
+    from chromoseg.tracking import tracking_uri
+
+    uri = tracking_uri(_params(params).mlflow)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+@app.command("bench-serve")
+def bench_serve_cmd(
+    model: Annotated[str, typer.Option(help="Model URI to serve.")] = "models:/chromoseg-unet@champion",
+    n_single: Annotated[int, typer.Option(help="Timed single-image requests.")] = 50,
+    n_batch: Annotated[int, typer.Option(help="Timed batch requests.")] = 10,
+    batch: Annotated[int, typer.Option(help="Images per batch request.")] = 32,
+    payload: Annotated[str, typer.Option(help="json (nested uint8 lists) or png (base64 strings).")] = "json",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serving latency: start `mlflow models serve` on 127.0.0.1, time 1 and 32 x 88x88 requests, stop it."""
+    import json
+
+    from chromoseg import bench_serve as bs
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and params.is_file():
+        from chromoseg.tracking import tracking_uri
+
+        # The server is a subprocess: it finds the registry through the environment.
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(_params(params).mlflow)
+    try:
+        res = bs.bench_serve(model, n_single=n_single, n_batch=n_batch, batch=batch, payload=payload)
+    except (ValueError, bs.ServerError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(res, indent=1) if as_json else bs.format_table(res))
+
+
+@app.command()
 def summary(params: ParamsOpt = Path("params.yaml")) -> None:
     """Print the pipeline's headline figures (test dice, IoUs, registry verdict)."""
     p = _params(params)

@@ -103,7 +103,8 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: str) -> torch.nn.Module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.local_rank] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # smp builds the whole encoder; with encoder_depth < 5 its last stages never run.
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -158,8 +158,7 @@ def _watershed_split(fg: np.ndarray) -> np.ndarray:
                 markers = core
                 break
     if markers is None:
-        out[fg] = 1
-        return out
+        return _junction_split(fg, dist)
     ids, sizes = np.unique(markers[markers > 0], return_counts=True)
     top = ids[np.argsort(-sizes, kind="stable")[:2]]
     seeds = np.zeros(fg.shape, np.int32)
@@ -168,4 +167,37 @@ def _watershed_split(fg: np.ndarray) -> np.ndarray:
     ws = watershed(-dist, seeds, mask=fg, connectivity=2)
     out[ws == 1] = 1
     out[ws == 2] = 2
+    return out
+
+
+def _junction_split(fg: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """A T- or X-shaped blob with no overlap and no neck: cut out the skeleton's branch point as a
+    stand-in overlap, pair the arms as for a crossing, and give the junction to the chromosome that
+    runs through it (the one with more arms)."""
+    from skimage.morphology import skeletonize
+
+    out = np.zeros(fg.shape, np.uint8)
+    skel = skeletonize(fg)
+    neighbours = ndi.convolve(skel.astype(np.int32), np.ones((3, 3), np.int32), mode="constant") - 1
+    branch = skel & (neighbours >= 3)
+    if not branch.any():
+        out[fg] = 1  # one ribbon: nothing tells two chromosomes apart
+        return out
+    by, bx = np.argwhere(branch).mean(0).round().astype(int)
+    radius = float(dist[by, bx]) + 1.0
+    yy, xx = np.ogrid[: fg.shape[0], : fg.shape[1]]
+    junction = fg & ((yy - by) ** 2 + (xx - bx) ** 2 <= radius**2)
+    arms, ids, _ = cut_arms(fg, junction)
+    if len(ids) < 2:
+        out[fg] = 1
+        return out
+    a, b = _split_crossing(fg, junction)
+    n_a = sum(1 for i in ids if (arms == i)[a & ~junction].any())
+    n_b = len(ids) - n_a
+    if n_a >= n_b:
+        b &= ~junction
+    else:
+        a &= ~junction
+    out[a] = 1
+    out[b & ~a] = 2
     return out

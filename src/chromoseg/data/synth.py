@@ -50,6 +50,7 @@ OVERLAP_LOSS_RANGE = (0.15, 0.45)  # overlap grey = a + b - loss * min(a, b)
 SHOT_RANGE = (0.05, 0.16)  # shot noise std = factor * sqrt(grey)
 BACKGROUND_NOISE_FRACTION = 0.08  # images with a mild background offset and noise
 BAND_RANGE = (0.05, 0.16)  # banding amplitude (relative)
+PAIR_GREY_RANGE = (0.78, 1.3)  # per-chromosome grey factor around the image's grey
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Source:
     groove: float  # depth of the dark line between the sister chromatids, 0..1
     telomere: float  # telomere spot brightness relative to the chromosome grey
     bands: tuple[float, ...]  # multiplicative banding profile at `_KNOT_T`
+    tilt: float = 0.0  # linear brightness change from one end to the other (relative)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def make_source(seed: int, group: int, which: int, cfg: SynthConfig) -> Source:
         groove=_q(rng.uniform(0.0, 0.15)),
         telomere=_q(rng.uniform(2.0, 4.4)),
         bands=tuple(_q(float(b)) for b in bands),
+        tilt=_q(rng.uniform(-0.3, 0.3)),
     )
 
 
@@ -155,7 +158,7 @@ def _ink(pose: Pose, fields: tuple[np.ndarray, ...], grey: float, soft: float, c
     # Sister chromatids: a faint dark line along the axis.
     g = dv / (0.35 * np.maximum(r, 1.0))
     prof = prof * (1.0 - s.groove * np.maximum(0.0, 1.0 - g * g))
-    band = np.interp(t, _KNOT_T, np.asarray(s.bands))
+    band = np.interp(t, _KNOT_T, np.asarray(s.bands)) * (1.0 + s.tilt * (t - 0.5))
     val = grey * band * prof
     # Telomere spots at the two chromatid tips of each end (quadratic bumps, blurred later).
     h = pose.length / 2.0
@@ -296,8 +299,10 @@ def render(cfg: SynthConfig, i: int) -> tuple[np.ndarray, np.ndarray, int]:
     grey = _q(rng.uniform(*cfg.intensity_range))
     soft = _q(rng.uniform(0.8, 1.6))
     core = _q(rng.uniform(*CORE_RANGE))
-    fa = _ink(A, flds_a, _q(grey * rng.uniform(0.9, 1.1)), soft, core)
-    fb = _ink(B, flds_b, _q(grey * rng.uniform(0.9, 1.1)), soft, core)
+    # The two chromosomes of a pair can differ in brightness by up to ~1.7x (as in real-dev), so
+    # a model cannot call "overlap" from brightness alone.
+    fa = _ink(A, flds_a, _q(grey * rng.uniform(*PAIR_GREY_RANGE)), soft, core)
+    fb = _ink(B, flds_b, _q(grey * rng.uniform(*PAIR_GREY_RANGE)), soft, core)
     # Overlaps are a little less than additive (absorption, camera response): ratio about 1.7.
     loss = round(rng.uniform(*OVERLAP_LOSS_RANGE) * Q)
     field = fa + fb - (np.minimum(fa, fb) * loss + Q // 2) // Q

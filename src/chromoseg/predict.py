@@ -1,0 +1,257 @@
+"""`chromoseg predict`: segment image files with a registered model (local) or a running server.
+
+Per input image it writes, into the output folder:
+
+- ``<stem>_labels.png``: palette PNG of the instance labels (0 background, 1 A only, 2 B only,
+  3 overlap); the pixel values are the classes, the palette shows them as in the overlays;
+- ``<stem>_overlay.png``: the grey image with A red, B blue, overlap yellow (`chromoseg.evaluate`);
+- ``<stem>.json``: image size, areas of A, B and the overlap in px (at the input's scale), the overlap
+  fraction (overlap / pixels of A or B), the scale and the model URI or server URL.
+
+Inputs are PNG/JPEG/TIFF files or labelme JSON files (their embedded image). The network was
+trained at the 88 x 88 LowRes scale (chromosome width ~11.5 px); `scale` resizes each image before
+inference and resizes the masks back (nearest) afterwards: use 0.5 for the real-dev images
+(width ~23 px).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chromoseg.labels import instances_to_labels4
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "models:/chromoseg-unet@champion"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class PredictError(ValueError):
+    """A user-facing problem with the inputs, the model or the server."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """One image's prediction at its original size: (H, W) bool masks."""
+
+    mask_a: np.ndarray
+    mask_b: np.ndarray
+    overlap: np.ndarray
+
+    @property
+    def labels4(self) -> np.ndarray:
+        return instances_to_labels4(self.mask_a, self.mask_b)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file or a labelme JSON (embedded or referenced image) -> (H, W) uint8 grey."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise PredictError(f"{p}: no such file")
+    if p.suffix.lower() == ".json":
+        from chromoseg.data.io import DataError
+        from chromoseg.data.labelme import _read_image
+
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PredictError(
+                f"{p}: not a readable JSON file ({exc}); pass an image or a labelme file"
+            ) from exc
+        if not isinstance(doc, dict):
+            raise PredictError(f"{p}: not a labelme file (no JSON object); pass an image or a labelme file")
+        try:
+            return _read_image(p, doc)
+        except DataError as exc:
+            raise PredictError(str(exc)) from exc
+    try:
+        with Image.open(p) as img:
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise PredictError(
+            f"{p}: not a readable image ({exc}); pass {'/'.join(IMAGE_SUFFIXES)} or labelme .json"
+        ) from exc
+
+
+def resize(image: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """(H, W) uint8 -> `shape` (rows, cols); bilinear for images, nearest for label maps."""
+    from PIL import Image
+
+    if image.shape == shape:
+        return image
+    method = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), method))
+
+
+def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def encode_png(image: np.ndarray) -> str:
+    """(H, W) uint8 -> base64 PNG string (the server's compact input format)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class LocalModel:
+    """A pyfunc model loaded in this process (`mlflow.pyfunc.load_model`)."""
+
+    def __init__(self, uri: str) -> None:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        self.uri = uri
+        try:
+            self._model = mlflow.pyfunc.load_model(uri)
+        except (MlflowException, OSError) as exc:
+            raise PredictError(
+                f"cannot load model {uri!r} from {mlflow.get_tracking_uri()}: {exc}; "
+                "check the URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) and "
+                "MLFLOW_TRACKING_URI"
+            ) from exc
+
+    def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        from mlflow.exceptions import MlflowException
+
+        out: list[dict[str, np.ndarray] | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.shape, []).append(i)
+        for idx in groups.values():
+            try:
+                res = self._model.predict(np.stack([images[i] for i in idx]))
+            except MlflowException as exc:
+                raise PredictError(f"model rejected the input: {exc.message}") from exc
+            for j, i in enumerate(idx):
+                out[i] = {k: np.asarray(v[j]) for k, v in res.items()}
+        return out  # type: ignore[return-value]
+
+
+class RemoteModel:
+    """A running `mlflow models serve` at `url`; images travel as base64 PNG strings."""
+
+    def __init__(self, url: str, timeout: float = 120.0) -> None:
+        self.uri = url.rstrip("/")
+        self.timeout = timeout
+
+    def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        body = json.dumps({"inputs": [encode_png(im) for im in images]}).encode()
+        preds = post_json(self.uri + "/invocations", body, self.timeout)["predictions"]
+        return [{k: np.asarray(preds[k][i], np.uint8) for k in preds} for i in range(len(images))]
+
+
+def post_json(url: str, body: bytes, timeout: float = 120.0) -> dict[str, Any]:
+    """POST a JSON body; return the decoded reply or raise PredictError with the server's message."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(json.JSONDecodeError, AttributeError):
+            detail = json.loads(detail).get("message", detail)
+        # The server prefixes the whole input to model errors; keep the model's own part.
+        detail = detail.split("Error: ")[-1][-500:]
+        raise PredictError(f"{url} answered HTTP {exc.code}: {detail}") from exc
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise PredictError(
+            f"cannot reach {url} ({exc}); start the server (make serve) or pass the right --url"
+        ) from exc
+
+
+def run_model(model: LocalModel | RemoteModel, images: list[np.ndarray], scale: float = 1.0) -> list[Result]:
+    """Predict (H, W) uint8 images at `scale`; masks come back at each image's original size."""
+    if scale <= 0:
+        raise PredictError(f"scale must be > 0, got {scale}; use 0.5 for images at twice the 88 x 88 scale")
+    inputs = [resize(im, scaled_shape(im.shape, scale)) for im in images]
+    outs = model.predict(inputs)
+    results = []
+    for im, out in zip(images, outs):
+        a, b, ov = (
+            resize(out[k].astype(np.uint8), im.shape, nearest=True) > 0
+            for k in ("mask_a", "mask_b", "overlap")
+        )
+        results.append(Result(a, b, ov))
+    return results
+
+
+def summary(result: Result, image_path: str, model_uri: str, scale: float) -> dict[str, Any]:
+    """Areas in px at the input image's scale; overlap fraction = overlap / (A or B) pixels."""
+    a, b, ov = result.mask_a, result.mask_b, result.overlap
+    union = int((a | b).sum())
+    return {
+        "image": image_path,
+        "height": int(a.shape[0]),
+        "width": int(a.shape[1]),
+        "area_a_px": int(a.sum()),
+        "area_b_px": int(b.sum()),
+        "area_overlap_px": int(ov.sum()),
+        "overlap_fraction": round(int(ov.sum()) / union, 6) if union else 0.0,
+        "scale": scale,
+        "model": model_uri,
+    }
+
+
+def write_outputs(out_dir: Path, stem: str, image: np.ndarray, result: Result, info: dict) -> list[Path]:
+    from PIL import Image
+
+    from chromoseg.evaluate import COLOURS_4, overlay
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = result.labels4
+    lab_img = Image.fromarray(labels, mode="P")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(COLOURS_4)] = COLOURS_4
+    lab_img.putpalette(palette.ravel().tolist())
+    paths = [out_dir / f"{stem}_labels.png", out_dir / f"{stem}_overlay.png", out_dir / f"{stem}.json"]
+    lab_img.save(paths[0])
+    Image.fromarray(overlay(image, labels, combine_label=False)).save(paths[1])
+    paths[2].write_text(json.dumps(info, indent=1) + "\n")
+    return paths
+
+
+def predict_files(
+    images: list[Path], out_dir: Path, model: str | None = None, url: str | None = None, scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """Segment each file with the local `model` URI or the server at `url`; write outputs; return summaries."""
+    if (model is None) == (url is None):
+        raise PredictError("give either a model URI (--model) or a server URL (--url), not both")
+    if not images:
+        raise PredictError("no input images given")
+    arrays = [load_image(p) for p in images]
+    runner: LocalModel | RemoteModel = RemoteModel(url) if url else LocalModel(model)  # type: ignore[arg-type]
+    results = run_model(runner, arrays, scale)
+    summaries = []
+    stems: dict[str, int] = {}
+    for path, image, res in zip(images, arrays, results):
+        stem = path.stem
+        # Two inputs with one name (a.png, a.json) must not overwrite each other.
+        if stem in stems:
+            stems[stem] += 1
+            stem = f"{stem}_{stems[stem]}"
+        else:
+            stems[stem] = 0
+        info = summary(res, str(path), runner.uri, scale)
+        write_outputs(out_dir, stem, image, res, info)
+        log.info(
+            "%s: A %d px, B %d px, overlap %d px (%.1f%%)",
+            path, info["area_a_px"], info["area_b_px"], info["area_overlap_px"], 100 * info["overlap_fraction"],
+        )  # fmt: skip
+        summaries.append(info)
+    return summaries

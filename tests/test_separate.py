@@ -1,0 +1,147 @@
+"""separate.py on hand-made masks: X cross, T, V, end-on overlap, touching pair, two blobs, empty."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chromoseg.labels import combine_labels, instances_to_labels4, labels_to_instances
+from chromoseg.separate import cut_arms, separate_instances
+
+SHAPE = (48, 48)
+
+
+def bar(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    m = np.zeros(SHAPE, bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def thick_line(p0: tuple[float, float], p1: tuple[float, float], radius: float) -> np.ndarray:
+    """Pixels within `radius` of the segment p0-p1 (row, col): a straight chromosome with round ends."""
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]].astype(float)
+    p = np.stack([yy, xx], -1)
+    a, b = np.array(p0, float), np.array(p1, float)
+    t = np.clip(((p - a) @ (b - a)) / ((b - a) @ (b - a)), 0, 1)
+    closest = a + t[..., None] * (b - a)
+    return np.linalg.norm(p - closest, axis=-1) <= radius
+
+
+def separate(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Combine the two truth masks, separate, return the predicted (mask_a, mask_b)."""
+    pred = separate_instances(combine_labels(instances_to_labels4(a, b)))
+    pa, pb, _ = labels_to_instances(pred)
+    return pa, pb
+
+
+def assert_same_pair(got: tuple[np.ndarray, np.ndarray], a: np.ndarray, b: np.ndarray) -> None:
+    """Exact match up to the A/B order."""
+    ga, gb = got
+    if not (ga == a).all():
+        ga, gb = gb, ga
+    np.testing.assert_array_equal(ga, a)
+    np.testing.assert_array_equal(gb, b)
+
+
+def test_x_cross_is_split_into_the_two_bars() -> None:
+    vertical, horizontal = bar(4, 44, 21, 27), bar(20, 26, 4, 44)
+    assert_same_pair(separate(vertical, horizontal), vertical, horizontal)
+
+
+def test_diagonal_x_cross_is_exact() -> None:
+    # Diagonal outlines: "A only" and "B only" touch at the corners of the overlap, so the arms only
+    # fall apart once the overlap is grown (cut > 0).
+    a = thick_line((6, 6), (42, 40), 3.2)
+    b = thick_line((8, 42), (40, 5), 3.2)
+    lab = combine_labels(instances_to_labels4(a, b))
+    _, ids, cut = cut_arms(lab > 0, lab == 2)
+    assert len(ids) == 4 and cut >= 1
+    assert_same_pair(separate(a, b), a, b)
+
+
+def test_t_stem_ending_in_the_overlap_is_its_own_chromosome() -> None:
+    top, stem = bar(10, 17, 4, 44), bar(13, 44, 21, 27)  # the stem's end lies inside the top bar
+    assert_same_pair(separate(top, stem), top, stem)
+
+
+def test_end_on_overlap_with_a_short_stub_pairs_the_stub_with_its_own_arm() -> None:
+    # B's end crosses A and sticks out 3 px on the far side: the stub must stay with B.
+    a = bar(20, 26, 4, 44)
+    b = bar(4, 29, 30, 36)
+    assert_same_pair(separate(a, b), a, b)
+
+
+def test_v_shape_overlapping_at_the_tips() -> None:
+    a = thick_line((42, 8), (8, 22), 3.0)
+    b = thick_line((42, 38), (8, 24), 3.0)
+    ga, gb = separate(a, b)
+    if (ga & ~a).sum() > (ga & ~b).sum():
+        ga, gb = gb, ga
+    # Each arm goes wholly to its own chromosome; only ring pixels next to the overlap may differ.
+    overlap = a & b
+    assert overlap.any()
+    assert ((ga != a).sum() + (gb != b).sum()) <= 4
+    np.testing.assert_array_equal(ga & gb, overlap)
+
+
+def test_touching_t_without_overlap_gives_the_junction_to_the_through_chromosome() -> None:
+    a = bar(4, 44, 10, 16)  # vertical
+    b = bar(22, 28, 16, 44)  # horizontal, its end touches A's side: one blob with no neck
+    ga, gb = separate(a, b)
+    if (ga & a).sum() < (gb & a).sum():
+        ga, gb = gb, ga
+    assert not (ga & gb).any()
+    # Exact but for the few junction pixels right at the contact line (column 16).
+    assert (ga != a).sum() <= 4 and (gb != b).sum() <= 4
+    np.testing.assert_array_equal(ga[:, :16], a[:, :16])
+    np.testing.assert_array_equal(gb[:, 18:], b[:, 18:])
+
+
+def test_touching_pair_with_a_neck_is_split_at_the_neck() -> None:
+    a = thick_line((24, 4), (24, 22), 5.0)
+    b = thick_line((24, 31), (24, 44), 5.0)
+    a[22:27, 22:31] = True  # a 5-px-wide bridge: narrower than either chromosome
+    ga, gb = separate(a & ~b, b)
+    if (ga & a).sum() < (gb & a).sum():
+        ga, gb = gb, ga
+    assert not (ga & gb).any()
+    assert ga[:, :22].sum() == (a & ~b)[:, :22].sum() and gb[:, 31:].sum() == b[:, 31:].sum()
+
+
+def test_touching_at_a_corner_only_is_two_objects() -> None:
+    a, b = bar(4, 20, 4, 10), bar(20, 40, 10, 16)  # 8-connected at one corner pixel
+    assert_same_pair(separate(a, b), a, b)
+
+
+def test_two_separate_blobs_larger_first_and_fragments_join_the_nearer() -> None:
+    a, b = bar(4, 44, 4, 10), bar(4, 30, 30, 36)
+    speck = bar(34, 36, 30, 32)  # a 4-px fragment 4 px below B
+    lab = combine_labels(instances_to_labels4(a, b | speck))
+    pred = separate_instances(lab)
+    np.testing.assert_array_equal(pred == 1, a)  # the larger object is A
+    np.testing.assert_array_equal(pred == 2, b | speck)
+    assert not (pred == 3).any()
+
+
+def test_batch_and_empty_images() -> None:
+    vertical, horizontal = bar(4, 44, 21, 27), bar(20, 26, 4, 44)
+    lab = combine_labels(instances_to_labels4(vertical, horizontal))
+    batch = np.stack([lab, np.zeros(SHAPE, np.uint8)])
+    out = separate_instances(batch)
+    assert out.shape == batch.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0], separate_instances(lab))
+    assert not out[1].any()
+
+
+@pytest.mark.parametrize("angle", [20, 45, 70, 90, 120, 160])
+def test_x_cross_at_many_angles(angle: float) -> None:
+    c, r = np.array([24.0, 24.0]), 19.0
+    t = np.deg2rad(angle)
+    d = np.array([np.sin(t), np.cos(t)]) * r
+    a = thick_line((24, 5), (24, 43), 3.0)
+    b = thick_line(tuple(c - d), tuple(c + d), 3.0)
+    ga, gb = separate(a, b)
+    if (ga & a).sum() < (gb & a).sum():
+        ga, gb = gb, ga
+    iou = min((ga & a).sum() / (ga | a).sum(), (gb & b).sum() / (gb | b).sum())
+    assert iou > 0.95
