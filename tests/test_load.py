@@ -108,22 +108,32 @@ def server(model_uri):
         assert time.monotonic() < deadline, "server did not start in 180 s"
         time.sleep(0.5)
     yield url, proc.pid
-    # Stop the server and its uvicorn workers: the whole process group, TERM then KILL.
+    # Stop the server and its uvicorn workers: the whole process group, TERM, then KILL after 30 s.
     pgid = os.getpgid(proc.pid)
     os.killpg(pgid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + 30
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        proc.poll()  # reap the leader so that it does not linger as a zombie
+        time.sleep(0.2)
+    if _group_alive(pgid):
         os.killpg(pgid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    time.sleep(0.5)
-    try:
-        os.killpg(pgid, 0)
-        leftover = True
-    except ProcessLookupError:
-        leftover = False
+        time.sleep(1)
+    proc.wait(timeout=30)
     log.close()
-    assert not leftover, "server processes left behind"
+    assert not _group_alive(pgid), "server processes left behind"
+
+
+def _group_alive(pgid: int) -> bool:
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return bool(alive)
 
 
 def _png_b64(img: np.ndarray) -> str:

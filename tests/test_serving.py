@@ -23,7 +23,8 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from chromoseg.config import TrainConfig
-from chromoseg.model import build_model
+from chromoseg.infer import Predictor
+from chromoseg.model import build_model, exec_plan
 from chromoseg.serving import (
     OUTPUT_KEYS,
     ChromosegModel,
@@ -34,7 +35,8 @@ from chromoseg.serving import (
     to_float_images,
 )
 
-TINY = TrainConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8), precision="fp32")
+# precision auto: bf16 eager torch where the CPU has it; fp32 would make load_context export ONNX.
+TINY = TrainConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
 
 
 def png_b64(image: np.ndarray) -> str:
@@ -57,11 +59,23 @@ def tiny_checkpoint(path: Path, combine_label: bool = True) -> Path:
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["combined", "four-class"])
-def model(request, tmp_path_factory) -> ChromosegModel:
-    ck = tiny_checkpoint(tmp_path_factory.mktemp("ck") / "model.pt", combine_label=request.param)
+def model(request) -> ChromosegModel:
+    """The pyfunc with a tiny eager fp32 network (load_context's ONNX export is covered by e2e)."""
+    torch.manual_seed(0)
     m = ChromosegModel()
-    m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={"max_side": 512}))
+    m.predictor = Predictor(build_model(TINY, 3 if request.param else 4), TINY, 3 if request.param else 4,
+                            exec_plan("fp32", "off", device="cpu"), backend="torch")  # fmt: skip
+    m.combine_label = request.param
+    m.max_side = 512
     return m
+
+
+def test_load_context_reads_checkpoint_and_model_config(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("CHROMOSEG_MAX_SIDE", raising=False)
+    ck = tiny_checkpoint(tmp_path / "model.pt", combine_label=False)
+    m = ChromosegModel()
+    m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={"max_side": 300}))
+    assert (m.combine_label, m.max_side, m.predictor.n_classes) == (False, 300, 4)
 
 
 def images(n: int, h: int = 88, w: int = 88, seed: int = 0) -> np.ndarray:

@@ -29,6 +29,7 @@ import torch
 from chromoseg import distributed as ddp
 from chromoseg.config import Params
 from chromoseg.fsutil import atomic_path, write_json
+from chromoseg.infer import Predictor
 from chromoseg.labels import canonical_ab, combine_labels
 from chromoseg.losses import SegLoss
 from chromoseg.metrics import SegmentationMetrics
@@ -149,20 +150,6 @@ def make_scheduler(opt: torch.optim.Optimizer, params: Params):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-@torch.inference_mode()
-def predict_labels(model, images: np.ndarray, plan, multiple: int, batch_size: int = 64) -> np.ndarray:
-    """(N, H, W) uint8 -> (N, H, W) uint8 argmax labels (used for per-epoch validation)."""
-    model.eval()
-    out = []
-    for s in range(0, len(images), batch_size):
-        x, (h, w) = pad_to_multiple(images[s : s + batch_size], multiple)
-        xt = to_input(torch.from_numpy(x.astype(np.float32) / 255.0)[:, None], plan)
-        with plan.autocast():
-            logits = model(xt)
-        out.append(logits[..., :h, :w].argmax(1).to(torch.uint8).cpu().numpy())
-    return np.concatenate(out)
-
-
 def _fingerprint(params: Params, train_file: Path, world_size: int = 1) -> str:
     """Identity of a training run: everything that changes its result (for safe resumption)."""
     h = hashlib.sha256()
@@ -253,7 +240,6 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     tr = load_split(prep_dir, "train")
     va = load_split(prep_dir, "val")
     sampler = BatchSampler(tr["images"], tr["labels4"], params)
-    multiple = sampler.multiple
 
     model = prepare_module(build_model(cfg, params.n_classes), plan)
     weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
@@ -288,12 +274,13 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
             {
                 **{f"exec.{k}": v for k, v in plan.describe().items()},
                 "exec.threads": str(threads),
+                "exec.world_size": str(dist.world_size),
                 "chromoseg.stage": "train",
                 "chromoseg.n_classes": str(params.n_classes),
             }
         )
 
-    val_images, val_labels = va["images"], va["labels"]
+    val_x, val_labels = va["images"].astype(np.float32) / 255.0, va["labels"]
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -301,7 +288,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         train_time = time.perf_counter() - t0
         if not dist.is_main:  # other ranks: the same steps on their shards, nothing else
             continue
-        pred = predict_labels(net, val_images, plan, multiple)
+        pred = Predictor(net, cfg, params.n_classes, plan, backend="torch").predict_labels(val_x)
         m = SegmentationMetrics(params.n_classes)
         m.update(val_labels, pred)
         val = m.compute()

@@ -104,14 +104,13 @@ def write_dataset(
     if images.shape != labels.shape or images.ndim != 3:
         raise DataError(f"images {images.shape} and labels {labels.shape} must both be (N, H, W)")
     data = np.stack([images.astype(np.uint8), labels.astype(np.uint8)], axis=-1)
-    with atomic_path(p) as tmp:
-        # No timestamps, fixed library version bounds: the same bytes on every machine.
-        with h5py.File(tmp, "w", libver=("earliest", "v108"), track_order=False) as f:
-            f.create_dataset(KEY_RAW, data=data, track_times=False)
-            if source_ids is not None:
-                f.create_dataset(SOURCE_KEY, data=np.asarray(source_ids, np.int32), track_times=False)
-            for name, arr in (extra or {}).items():
-                f.create_dataset(name, data=arr, track_times=False)
+    # No timestamps, fixed library version bounds: the same bytes on every machine.
+    with atomic_path(p) as tmp, h5py.File(tmp, "w", libver=("earliest", "v108"), track_order=False) as f:
+        f.create_dataset(KEY_RAW, data=data, track_times=False)
+        if source_ids is not None:
+            f.create_dataset(SOURCE_KEY, data=np.asarray(source_ids, np.int32), track_times=False)
+        for name, arr in (extra or {}).items():
+            f.create_dataset(name, data=arr, track_times=False)
     return p
 
 
