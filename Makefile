@@ -54,6 +54,7 @@ test-slow: install
 	$(BIN)/pytest -m "slow" $(PYTEST_ARGS)
 
 test-integration: install
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,integration]'
 	$(BIN)/pytest -m "integration" $(PYTEST_ARGS)
 
 lint: install
