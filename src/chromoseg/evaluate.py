@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from chromoseg.config import Params, class_names
-from chromoseg.fsutil import write_json
+from chromoseg.fsutil import atomic_path, write_json
 from chromoseg.labels import instances_to_labels4
 from chromoseg.metrics import SegmentationMetrics, per_image_dice, permutation_invariant
 from chromoseg.prepare import load_split
@@ -86,8 +86,7 @@ def run_evaluate(params: Params) -> dict:
     plots = Path(cfg.plots_dir)
     write_plots(plots, metrics, conf, test, labels, params, n=cfg.n_overlays)
     run_id = log_to_mlflow(params, metrics, plots, predictor.describe())
-    Path(EVAL_RUN_FILE).parent.mkdir(parents=True, exist_ok=True)
-    Path(EVAL_RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
+    write_json(EVAL_RUN_FILE, {"run_id": run_id})
     log.info(
         "test dice %.4f, overlap IoU %.4f, chromosomes PI IoU %s on %d images",
         metrics["dice"], metrics["iou_overlap"], metrics.get("iou_chromosomes_pi"), metrics["n_images"],
@@ -103,12 +102,12 @@ def write_plots(
     rows = ["class,dice,iou"] + [
         f"{c},{metrics['dice_per_class'][c]:.6f},{metrics['iou_per_class'][c]:.6f}" for c in names
     ]
-    (out / "per_class.csv").write_text("\n".join(rows) + "\n")
+    _write_text(out / "per_class.csv", "\n".join(rows) + "\n")
     total = np.array(metrics["confusion_matrix"])
     rows = ["actual,predicted,pixels"] + [
         f"{names[i]},{names[j]},{int(total[i, j])}" for i in range(len(names)) for j in range(len(names))
     ]
-    (out / "confusion.csv").write_text("\n".join(rows) + "\n")
+    _write_text(out / "confusion.csv", "\n".join(rows) + "\n")
     _confusion_png(out / "confusion.png", total, names)
     scores = per_image_dice(conf)
     order = np.argsort(scores)
@@ -117,7 +116,13 @@ def write_plots(
     grid = overlay_grid(test["images"], test["labels"], pred, worst, typical, scores, params.combine_label)
     from PIL import Image
 
-    Image.fromarray(grid).save(out / "predictions.png")
+    with atomic_path(out / "predictions.png") as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _confusion_png(path: Path, total: np.ndarray, names: tuple[str, ...]) -> None:
@@ -145,7 +150,8 @@ def _confusion_png(path: Path, total: np.ndarray, names: tuple[str, ...]) -> Non
     ax.set_ylabel("actual")
     ax.set_title("confusion (row-normalised)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
