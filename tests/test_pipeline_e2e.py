@@ -57,7 +57,7 @@ def project(tmp_path_factory):
     ):
         _run(cmd, proj, env)
     _run(["chromoseg", "synth"], proj, env)
-    _run(["dvc", "add", "-q", "data/raw"], proj, env)
+    _run(["dvc", "commit", "-q", "-f", "data.dvc"], proj, env)
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], proj, env)
     out = _run(["dvc", "repro"], proj, env)
