@@ -104,13 +104,15 @@ def test_predict_files_writes_label_overlay_and_json(tmp_path: Path, monkeypatch
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
-        f"{s}{suffix}" for s in ("a", "b", "a_1") for suffix in ("_labels.png", "_overlay.png", ".json")
+        f"{s}{suffix}"
+        for s in ("a", "b", "a_1")
+        for suffix in ("_labels.png", "_overlay.png", "_summary.json")
     )
     labels = np.asarray(Image.open(out / "a_labels.png"))
     assert labels.shape == (30, 40) and set(np.unique(labels)) == {1, 2, 3}
     overlay = np.asarray(Image.open(out / "b_overlay.png"))
     assert overlay.shape == (50, 20, 3)
-    assert json.loads((out / "b.json").read_text())["area_overlap_px"] == 50 * 4
+    assert json.loads((out / "b_summary.json").read_text())["area_overlap_px"] == 50 * 4
 
 
 def test_predict_files_needs_exactly_one_backend(tmp_path: Path) -> None:

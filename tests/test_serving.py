@@ -170,6 +170,15 @@ def test_rejected_inputs_name_the_problem(value, message: str) -> None:
         split_images(value)
 
 
+def test_request_pixel_budget(monkeypatch) -> None:
+    import chromoseg.serving as serving
+
+    monkeypatch.setattr(serving, "MAX_TOTAL_PIXELS", 3 * 100)
+    assert len(split_images(np.zeros((3, 10, 10), np.uint8))) == 3
+    with pytest.raises(InputError, match="request exceeds 300 px at image 3"):
+        split_images(np.zeros((4, 10, 10), np.uint8))
+
+
 def test_decode_png_checks_size_before_decoding() -> None:
     with pytest.raises(InputError, match="is 600x20 px"):
         decode_png(png_b64(np.zeros((600, 20), np.uint8)), max_side=512)
@@ -297,3 +306,26 @@ def test_scoring_server_end_to_end(tmp_path: Path, monkeypatch) -> None:
         status, reply = post(url, {"inputs": one.tolist()})
         assert status == 200 and np.asarray(reply["predictions"]["labels"]).shape == (1, 88, 88)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_stop_server_kills_the_whole_process_group(tmp_path: Path) -> None:
+    """A parent that spawned a child (like mlflow -> uvicorn): both are gone after stop_server."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from chromoseg.bench_serve import Server, free_port, stop_server
+
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    for _ in range(200):
+        children = psutil.Process(proc.pid).children(recursive=True)
+        if children:
+            break
+        time.sleep(0.05)
+    assert children, "the dummy server did not start its child"
+    left = stop_server(Server(proc, f"http://127.0.0.1:{free_port()}", tmp_path / "log"), grace=5)
+    assert left == []
+    assert not any(psutil.pid_exists(c.pid) and c.status() != psutil.STATUS_ZOMBIE for c in children)

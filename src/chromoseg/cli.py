@@ -180,13 +180,18 @@ def bench(
 
 @app.command("evaluate-external")
 def evaluate_external(
-    labelme: Annotated[Path, typer.Option("--labelme", help="Folder of labelme JSON files (two polygons each).")],
+    labelme: Annotated[
+        Path, typer.Option("--labelme", help="Folder of labelme JSON files (two polygons each).")
+    ],
     model: Annotated[
-        str, typer.Option("--model", help="models:/NAME@ALIAS, runs:/ID/model, a model folder or a model.pt file.")
+        str,
+        typer.Option(
+            "--model", help="models:/NAME@ALIAS, runs:/ID/model, a model folder or a model.pt file."
+        ),
     ] = "models:/chromoseg-unet@champion",
-    out: Annotated[Path, typer.Option("--out", help="Metrics JSON to write (same keys as eval.json).")] = Path(
-        "metrics/eval_external.json"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", help="Metrics JSON to write (same keys as eval.json).")
+    ] = Path("metrics/eval_external.json"),
 ) -> None:
     """Score a model on real labelme-annotated images (rescaled to the 88x88 scale)."""
     from chromoseg.evaluate import run_evaluate_external

@@ -5,7 +5,7 @@ Per input image it writes, into the output folder:
 - ``<stem>_labels.png``: palette PNG of the instance labels (0 background, 1 A only, 2 B only,
   3 overlap); the pixel values are the classes, the palette shows them as in the overlays;
 - ``<stem>_overlay.png``: the grey image with A red, B blue, overlap yellow (`chromoseg.evaluate`);
-- ``<stem>.json``: image size, areas of A, B and the overlap in px (at the input's scale), the overlap
+- ``<stem>_summary.json``: image size, areas of A, B and the overlap in px (at the input's scale), the overlap
   fraction (overlap / pixels of A or B), the scale and the model URI or server URL.
 
 Inputs are PNG/JPEG/TIFF files or labelme JSON files (their embedded image). The network was
@@ -219,7 +219,11 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, result: Result, i
     palette = np.zeros((256, 3), np.uint8)
     palette[: len(COLOURS_4)] = COLOURS_4
     lab_img.putpalette(palette.ravel().tolist())
-    paths = [out_dir / f"{stem}_labels.png", out_dir / f"{stem}_overlay.png", out_dir / f"{stem}.json"]
+    paths = [
+        out_dir / f"{stem}_labels.png",
+        out_dir / f"{stem}_overlay.png",
+        out_dir / f"{stem}_summary.json",
+    ]
     lab_img.save(paths[0])
     Image.fromarray(overlay(image, labels, combine_label=False)).save(paths[1])
     paths[2].write_text(json.dumps(info, indent=1) + "\n")

@@ -9,7 +9,7 @@ Input (any of):
 - ``{"images": ...}`` holding any of the above.
 
 Each side must be 8..``max_side`` px (default 2048; ``CHROMOSEG_MAX_SIDE`` env var or
-``model_config={"max_side": ...}``). Images are grouped by size, padded to what the network needs,
+``model_config={"max_side": ...}``), at most 64 Mpx per request. Images are grouped by size, padded to what the network needs,
 batched, and cropped back. Output: a dict of ``labels`` (the model's label space), ``mask_a`` and
 ``mask_b`` (each chromosome including the overlap) and ``overlap``, each uint8: an (N, H, W) array
 when all images have one size, else a list of N (H_i, W_i) arrays. Through the scoring server both
@@ -39,6 +39,8 @@ OUTPUT_KEYS = ("labels", "mask_a", "mask_b", "overlap")
 MIN_SIDE = 8
 DEFAULT_MAX_SIDE = 2048
 MAX_SIDE_ENV = "CHROMOSEG_MAX_SIDE"
+# Per request: 64 Mpx (~8700 images of 88 x 88) bounds the server's memory; clients split larger batches.
+MAX_TOTAL_PIXELS = 64 * 1024 * 1024
 
 
 class InputError(ValueError):
@@ -150,11 +152,17 @@ def split_images(x: Any, max_side: int = DEFAULT_MAX_SIDE) -> list[np.ndarray]:
     if len(items) == 0:
         raise InputError("input is empty; send at least one image")
     out = []
+    total = 0
     for i, item in enumerate(items):
         try:
             out.append(_one_image(item, max_side))
         except InputError as exc:
             raise InputError(f"image {i} {exc}") from None
+        total += out[-1].size
+        if total > MAX_TOTAL_PIXELS:
+            raise InputError(
+                f"request exceeds {MAX_TOTAL_PIXELS} px at image {i}; split it into smaller batches"
+            )
     return out
 
 
@@ -188,7 +196,8 @@ def _one_image(item: Any, max_side: int) -> np.ndarray:
         return arr.astype(np.float32) / 255.0
     if np.issubdtype(arr.dtype, np.complexfloating):
         raise InputError(f"has dtype {arr.dtype}; send real numbers")
-    f = arr.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: rejected below
+        f = arr.astype(np.float32)
     if not np.isfinite(f).all():
         raise InputError("contains NaN or infinite values")
     lo, hi = float(f.min()), float(f.max())
