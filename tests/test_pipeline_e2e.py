@@ -3,46 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from _project import copy_project, project_env
+from _project import run as _run
+
 pytestmark = pytest.mark.e2e
-
-
-def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{out[-4000:]}"
-    return out
-
-
-def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for f in files:
-        src = ROOT / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     proj = tmp_path_factory.mktemp("proj")
-    _copy_repo(proj)
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_RUN_ID", None)
+    copy_project(proj, skip=())
+    env = project_env()
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["synth"]["n_images"] = 96
     params["prepare"]["val_size"] = 8

@@ -6,53 +6,18 @@ params, so nothing here touches the working tree, its MLflow store or its DVC ca
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-RAW = "data/raw/LowRes_13434_overlapping_pairs.h5"
+from _project import RAW, ROOT, copy_project, project_env, run  # noqa: F401 - re-exported to the tests
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if Path(str(item.fspath)).parent == Path(__file__).parent:
             item.add_marker(pytest.mark.integration)
-
-
-def project_env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CHROMOSEG_ARTIFACT_ROOT"):
-        env.pop(var, None)
-    env.update(extra)
-    return env
-
-
-def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> str:
-    res = subprocess.run(
-        cmd, cwd=cwd, env=env or project_env(), capture_output=True, text=True, timeout=timeout
-    )
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{out[-4000:]}"
-    return out
-
-
-def copy_project(dst: Path) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for f in files:
-        src = ROOT / f
-        if src.is_file() and not f.startswith(("data/", "tests/")):
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    return dst
 
 
 def tiny_params(proj: Path, **train) -> None:

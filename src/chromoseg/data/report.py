@@ -32,6 +32,7 @@ from scipy import ndimage as ndi
 
 from chromoseg.data.io import read_dataset
 from chromoseg.data.labelme import DEFAULT_TARGET_WIDTH, estimate_width, load_labelme_dir
+from chromoseg.evaluate import overlay
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +147,6 @@ def compare_stats(synth: dict[str, float], real: dict[str, float]) -> dict[str, 
     return {k: synth[k] / real[k] - 1.0 for k in STAT_KEYS if k in synth and k in real and real[k] != 0}
 
 
-COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 90, 255], [255, 220, 0]], np.uint8)  # bg, A, B, overlap
-
-
-def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """(H, W, 3) uint8: grey image with labels tinted (A red, B blue, overlap yellow)."""
-    grey = np.repeat(image[..., None].astype(np.float64), 3, axis=-1)
-    col = COLOURS[np.minimum(label, 3)].astype(np.float64)
-    fg = (label > 0)[..., None]
-    out = np.where(fg, (1 - alpha) * grey + alpha * col, grey)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
 def contact_sheet(images: np.ndarray, labels: np.ndarray, cols: int = 8, zoom: int = 2) -> np.ndarray:
     """(rows * 2H * zoom, cols * W * zoom, 3) uint8: each image above its label overlay."""
     n, h, w = images.shape
@@ -167,7 +156,7 @@ def contact_sheet(images: np.ndarray, labels: np.ndarray, cols: int = 8, zoom: i
         r, c = divmod(k, cols)
         y, x = r * (2 * h + 2), c * (w + 2)
         sheet[y : y + h, x : x + w] = images[k][..., None]
-        sheet[y + h : y + 2 * h, x : x + w] = overlay(images[k], labels[k])
+        sheet[y + h : y + 2 * h, x : x + w] = overlay(images[k], labels[k], combine_label=False)
     return np.kron(sheet, np.ones((zoom, zoom, 1), np.uint8))
 
 
