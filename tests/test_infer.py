@@ -146,3 +146,17 @@ def test_bad_input_is_a_clear_error(model: torch.nn.Module, bad: np.ndarray, mat
 def test_unknown_backend_lists_choices(model: torch.nn.Module) -> None:
     with pytest.raises(ValueError, match="onnx"):
         Predictor(model, TINY, 3, FP32, backend="tensorrt")  # type: ignore[arg-type]
+
+
+def test_normalize_intensity_is_exposure_invariant():
+    from chromoseg.infer import normalize_intensity
+
+    img = np.zeros((1, 20, 20), np.float32)
+    img[0, 2:18, 5:10] = 70 / 255  # a single chromosome
+    img[0, 8:12, 5:10] = 140 / 255  # an overlap, twice as bright
+    out = normalize_intensity(img)
+    assert out[0, 3, 6] == pytest.approx(0.5) and out[0, 9, 6] == pytest.approx(1.0)
+    assert out[0, 0, 0] == 0.0
+    np.testing.assert_allclose(normalize_intensity(img * 1.6), out, rtol=1e-6)
+    dark = np.full((1, 8, 8), 0.01, np.float32)  # nearly black: left alone
+    np.testing.assert_array_equal(normalize_intensity(dark), dark)

@@ -85,6 +85,9 @@ class TrainConfig:
     class_weights_combined: tuple[float, ...] = (0.1, 1.0, 10.0)
     class_weights_4: tuple[float, ...] = (0.1, 1.0, 1.0, 10.0)
     augment: bool = True
+    # "foreground": each image is scaled so its median chromosome grey is 0.5 (train and inference);
+    # "none": grey / 255 as is. Default "none" so that older checkpoints keep their behaviour.
+    normalize: Literal["none", "foreground"] = "none"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     num_threads: int = 0

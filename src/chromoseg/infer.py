@@ -145,6 +145,8 @@ class Predictor:
 
     def _predict(self, images: np.ndarray, labels: bool) -> np.ndarray:
         x = _validate_images(images)
+        if self.cfg.normalize == "foreground":
+            x = normalize_intensity(x)
         n, h, w = x.shape
         hp, wp = padded_size(h, w, self.multiple)
         shape = (n, h, w) if labels else (n, self.n_classes, h, w)
@@ -166,6 +168,24 @@ class Predictor:
                 t = to_input(torch.from_numpy(batch[:, None]), self.plan)
                 logits = fn(t)
             return logits.float().contiguous().cpu().numpy()
+
+
+def normalize_intensity(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) float in [0, 1] -> float32, each image scaled so its median chromosome grey is 0.5.
+
+    Real images differ in staining and exposure; overlaps are told apart from single chromosomes by
+    being about twice as bright *relative to the same image*, so the network sees relative grey.
+    Foreground = pixels above a quarter of the image's maximum; its median is dominated by single
+    (not overlapping) chromosome pixels. Nearly black images (max < 0.02) are left as they are.
+    """
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    peak = flat.max(axis=1)
+    scale = np.ones(n, np.float32)
+    for i in np.flatnonzero(peak >= 0.02):
+        row = flat[i]
+        scale[i] = 0.5 / max(float(np.median(row[row > 0.25 * peak[i]])), 1e-3)
+    return np.clip(x * scale[:, None, None], 0.0, 4.0).astype(np.float32)
 
 
 def _validate_images(images: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 from chromoseg import distributed as ddp
 from chromoseg.config import Params
 from chromoseg.fsutil import atomic_path, write_json
-from chromoseg.infer import Predictor
+from chromoseg.infer import Predictor, normalize_intensity
 from chromoseg.labels import canonical_ab, combine_labels
 from chromoseg.losses import SegLoss
 from chromoseg.metrics import SegmentationMetrics
@@ -130,8 +130,11 @@ class BatchSampler:
                 y = combine_labels(y)
             x, _ = pad_to_multiple(x, self.multiple)
             y, _ = pad_to_multiple(y, self.multiple)
+            xf = x.astype(np.float32) / 255.0
+            if self.cfg.normalize == "foreground":
+                xf = normalize_intensity(xf)
             yield (
-                torch.from_numpy(x.astype(np.float32) / 255.0)[:, None],
+                torch.from_numpy(xf)[:, None],
                 torch.from_numpy(y.astype(np.int64)),
             )
 
