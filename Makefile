@@ -24,19 +24,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $@
 
-# The dataset: from the DVC remote when one is configured and reachable, otherwise the
-# deterministic synthetic default is regenerated (byte-identical, so data.dvc's md5 matches).
+# The dataset: DVC remote if reachable, else the deterministic synthetic default (scripts/get_data.sh).
 data: install
-	@if [ -n "$$(dvc remote list)" ] && dvc pull -q data.dvc 2>/dev/null; then \
-	  echo "data: pulled from the DVC remote"; \
-	elif [ -d data/raw ] && dvc status -q data.dvc >/dev/null 2>&1; then \
-	  echo "data: data/raw matches data.dvc"; \
-	else \
-	  echo "data: no reachable DVC remote; regenerating the synthetic default"; \
-	  rm -rf data/raw && chromoseg synth && \
-	  if dvc status -q data.dvc >/dev/null 2>&1; then dvc commit -q -f data.dvc && echo "data: matches data.dvc"; \
-	  else echo "data: WARNING regenerated data differs from data.dvc (dvc status data.dvc)"; fi; \
-	fi
+	@scripts/get_data.sh
 
 repro: data
 	dvc repro
