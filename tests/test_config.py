@@ -68,3 +68,9 @@ def test_load_params_errors_name_the_file(tmp_path):
         load_params(f)
     with pytest.raises(ConfigError, match="no such parameter file"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_yaml_on_off_accepted_for_switches():
+    p = params_from_dict(yaml.safe_load("train: {channels_last: off}"))
+    assert p.train.channels_last == "off"
+    assert params_from_dict(yaml.safe_load("train: {channels_last: on}")).train.channels_last == "on"

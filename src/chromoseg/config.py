@@ -155,6 +155,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            # YAML 1.1 reads a bare on/off as true/false.
+            value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value
