@@ -90,13 +90,8 @@ def rescore_model(model_uri: str, test: dict[str, np.ndarray], combine_label: bo
     out = model.predict(test["images"])
     pred4 = instances_to_labels4(out["mask_a"], out["mask_b"])
     pred = combine_labels(pred4) if combine_label else pred4
+    # In 4-class mode `score` already holds the permutation-invariant figures (dice_pi).
     metrics, _ = score(pred, test["labels"], test["labels4"], combine_label)
-    if not combine_label:
-        from chromoseg.metrics import SegmentationMetrics, permutation_invariant
-
-        m = SegmentationMetrics(4)
-        m.update(test["labels4"], pred4)
-        metrics.update(permutation_invariant(m.per_image))
     return registry_score(metrics, combine_label)[1]
 
 
