@@ -160,3 +160,27 @@ def test_normalize_intensity_is_exposure_invariant():
     np.testing.assert_allclose(normalize_intensity(img * 1.6), out, rtol=1e-6)
     dark = np.full((1, 8, 8), 0.01, np.float32)  # nearly black: left alone
     np.testing.assert_array_equal(normalize_intensity(dark), dark)
+
+
+def test_full_res_branch_model_runs_and_round_trips() -> None:
+    from dataclasses import replace
+
+    from chromoseg.model import FullResUnet
+
+    cfg = replace(TINY, full_res_channels=8)
+    torch.manual_seed(1)
+    net = build_model(cfg, 4).eval()
+    assert isinstance(net, FullResUnet)
+    images = np.random.default_rng(5).random((2, 37, 50), dtype=np.float32)
+    logits = Predictor(net, cfg, 4, FP32, backend="torch").predict_logits(images)
+    assert logits.shape == (2, 4, 37, 50)
+    # A checkpoint state dict rebuilds the same network (the path evaluate and serving take).
+    again = Predictor(net.state_dict(), cfg, 4, FP32, backend="torch").predict_logits(images)
+    np.testing.assert_array_equal(again, logits)
+    # The branch changes the output: it is wired in, not dead weight.
+    with torch.no_grad():
+        net.stem[0].weight.mul_(3.0)
+    changed = Predictor(net, cfg, 4, FP32, backend="torch").predict_logits(images)
+    assert np.abs(changed - logits).max() > 1e-3
+    with pytest.raises(ValueError, match="full_res_channels"):
+        build_model(replace(cfg, arch="FPN"), 3)

@@ -114,3 +114,38 @@ def test_file_format(tmp_path):
 def test_bad_n_is_an_error():
     with pytest.raises(ValueError, match="n must be >= 1"):
         generate(CFG, n=0)
+
+
+@pytest.mark.parametrize(("soft", "sigma", "gamma"), [(0.8, 1.1, 1.0), (1.6, 1.7, 0.85), (1.2, 1.4, 1.15)])
+def test_edge_offset_puts_the_outline_at_the_edge_level(soft, sigma, gamma):
+    # Numerical reference: the soft shoulder (linear ramp over `soft` px) blurred by a Gaussian on a
+    # fine grid, through the camera response; its level at the computed offset is EDGE_LEVEL.
+    step = 0.001
+    x = np.arange(-12.0, 12.0, step)
+    ramp = np.clip(0.5 - x / soft, 0.0, 1.0)
+    k = np.exp(-0.5 * (np.arange(-8.0, 8.0 + step / 2, step) / sigma) ** 2)
+    blurred = np.convolve(ramp, k / k.sum(), mode="same") ** gamma
+    off = synth.edge_offset(synth.EDGE_LEVEL, soft, sigma, gamma)
+    assert np.interp(off, x, blurred) == pytest.approx(synth.EDGE_LEVEL, abs=2e-3)
+    assert off > 0  # a level below one half lies outside the shoulder centre
+    assert synth.edge_offset(0.5, soft, sigma, 1.0) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_outline_sits_at_the_edge_level_in_rendered_images():
+    # Grey of the pixels just inside and just outside the outline, relative to the ring 2-3 px
+    # inside: EDGE_LEVEL lies between them in every image (the label follows the image).
+    images, labels, _ = generate(replace(SynthConfig(), workers=1), n=40)
+    from scipy import ndimage as ndi
+
+    checked = 0
+    for img, lab in zip(images.astype(float), labels, strict=True):
+        fg = lab > 0
+        sd = ndi.distance_transform_edt(fg) - ndi.distance_transform_edt(~fg)
+        far_ov = ~ndi.binary_dilation(lab == 3, iterations=4)
+        sel = [(sd >= 2) & (sd <= 3) & far_ov, (sd == 1) & far_ov, (sd == -1) & far_ov]
+        if min(m.sum() for m in sel) < 20:
+            continue
+        inner, just_in, just_out = (img[m].mean() for m in sel)
+        assert just_out / inner < synth.EDGE_LEVEL < just_in / inner, (just_in / inner, just_out / inner)
+        checked += 1
+    assert checked >= 30

@@ -75,13 +75,19 @@ class TrainConfig:
     encoder: str = "resnet18"
     encoder_depth: int = 5
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    # Channels of a full-resolution (stride-1) branch fused before the classifier; 0: plain smp model.
+    full_res_channels: int = 0
     epochs: int = 40
     samples_per_epoch: int = 1000
     batch_size: int = 10
     lr: float = 1e-4
     weight_decay: float = 0.0
+    # Exponential moving average of the weights used for validation and the saved model; 0: off.
+    ema: float = 0.0
     scheduler: Literal["none", "cosine", "onecycle"] = "cosine"
     loss: Literal["ce", "dice", "ce+dice"] = "ce"
+    # 4 classes: score each image against the better of the two A/B assignments (A, B unordered).
+    pi_loss: bool = False
     class_weights_combined: tuple[float, ...] = (0.1, 1.0, 10.0)
     class_weights_4: tuple[float, ...] = (0.1, 1.0, 1.0, 10.0)
     augment: bool = True

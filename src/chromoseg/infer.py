@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from chromoseg.config import TrainConfig
+from chromoseg.labels import canonical_ab
 from chromoseg.model import ExecPlan, build_model, exec_plan, input_multiple, prepare_module, to_input
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Predictor:
         backend: Backend = "auto",
         batch_size: int = 64,
         bucket: int = 32,
+        ab_order: str = "none",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
@@ -106,6 +108,9 @@ class Predictor:
         self.n_classes = n_classes
         self.plan = plan if plan is not None else exec_plan(cfg.precision, cfg.channels_last)
         self.batch_size = batch_size
+        # 4 classes: predicted A/B are put in the order the training labels followed (A = larger),
+        # so that a network trained with the permutation-invariant loss answers in that order too.
+        self.ab_order = ab_order if n_classes == 4 else "none"
         # Sizes are bucketed to a multiple of 32 (and of 2**depth) so that backends that specialise
         # on shape (compile, oneDNN primitive caches) see few distinct sizes.
         self.multiple = math.lcm(input_multiple(cfg), max(1, bucket))
@@ -140,8 +145,9 @@ class Predictor:
         return self._predict(images, labels=False)
 
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W) float32 in [0, 1] -> (N, H, W) uint8 class labels (argmax of the logits)."""
-        return self._predict(images, labels=True)
+        """(N, H, W) float32 in [0, 1] -> (N, H, W) uint8 class labels (argmax of the logits; with 4
+        classes, A and B ordered by `ab_order`)."""
+        return canonical_ab(self._predict(images, labels=True), self.ab_order)
 
     def _predict(self, images: np.ndarray, labels: bool) -> np.ndarray:
         x = _validate_images(images)

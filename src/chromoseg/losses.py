@@ -9,16 +9,23 @@ import torch.nn.functional as F
 class SegLoss(torch.nn.Module):
     """Class-weighted cross-entropy, soft multiclass dice, or their sum (`ce`, `dice`, `ce+dice`)."""
 
-    def __init__(self, kind: str, class_weights: tuple[float, ...]) -> None:
+    def __init__(
+        self, kind: str, class_weights: tuple[float, ...], permutation_invariant: bool = False
+    ) -> None:
         super().__init__()
         if kind not in ("ce", "dice", "ce+dice"):
             raise ValueError(f"train.loss {kind!r} is not one of ['ce', 'dice', 'ce+dice']")
         self.kind = kind
+        # 4 classes only: A and B have no inherent order, so each image is scored against the
+        # better of the two assignments (`align_ab`).
+        self.permutation_invariant = permutation_invariant and len(class_weights) == 4
         self.register_buffer("weight", torch.tensor(class_weights, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits (N, C, H, W), target (N, H, W) int64."""
         logits = logits.float()
+        if self.permutation_invariant:
+            target = align_ab(logits, target)
         loss = logits.new_zeros(())
         if "ce" in self.kind:
             loss = loss + F.cross_entropy(logits, target, weight=self.weight)
@@ -37,3 +44,17 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     denom = prob.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + eps) / (denom + eps)
     return 1 - dice[1:].mean()
+
+
+_SWAP_AB = (0, 2, 1, 3)
+
+
+def align_ab(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image, the 4-class target (0 bg, 1 A, 2 B, 3 overlap) as given or with A and B swapped,
+    whichever the logits fit better (lower mean cross-entropy); no gradient flows through the choice."""
+    with torch.no_grad():
+        swapped = torch.tensor(_SWAP_AB, device=target.device)[target]
+        ce = F.cross_entropy(logits, target, reduction="none").mean((1, 2))
+        ce_sw = F.cross_entropy(logits, swapped, reduction="none").mean((1, 2))
+        use = (ce_sw < ce)[:, None, None]
+    return torch.where(use, swapped, target)

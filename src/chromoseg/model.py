@@ -38,13 +38,51 @@ def build_model(cfg: TrainConfig, n_classes: int) -> torch.nn.Module:
             )
         kwargs["encoder_depth"] = cfg.encoder_depth
         kwargs["decoder_channels"] = list(cfg.decoder_channels)
+    if cfg.full_res_channels and cfg.arch not in ("Unet", "UnetPlusPlus", "MAnet"):
+        raise ValueError(
+            f"train.full_res_channels needs a decoder that ends at full resolution (Unet, UnetPlusPlus, "
+            f"MAnet), not {cfg.arch!r}; set it to 0"
+        )
     try:
-        return smp.create_model(cfg.arch, **kwargs)
+        base = smp.create_model(cfg.arch, **kwargs)
     except KeyError as exc:
         raise ValueError(
             f"train.encoder {cfg.encoder!r} is not an smp encoder ({exc}); "
             "see segmentation_models_pytorch.encoders.get_encoder_names()"
         ) from exc
+    return FullResUnet(base, cfg.full_res_channels, n_classes) if cfg.full_res_channels else base
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[torch.nn.Module]:
+    return [
+        torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(cout),
+        torch.nn.ReLU(inplace=True),
+    ]
+
+
+class FullResUnet(torch.nn.Module):
+    """An smp U-Net whose last decoder stage also sees full-resolution features of the input.
+
+    smp's U-Net has no skip at stride 1: its full-resolution output is upsampled from stride-2
+    features. The labels here are a fixed contour level of a blurred image, so where a pixel centre
+    lies against that contour is decided by full-resolution grey values; a small stride-1 branch
+    (two 3x3 convolutions of `channels`) is fused with the decoder output before the classifier.
+    """
+
+    def __init__(self, base: torch.nn.Module, channels: int, n_classes: int) -> None:
+        super().__init__()
+        self.encoder = base.encoder
+        self.decoder = base.decoder
+        dec_out = base.segmentation_head[0].in_channels
+        self.stem = torch.nn.Sequential(*_conv_bn_relu(1, channels), *_conv_bn_relu(channels, channels))
+        self.head = torch.nn.Sequential(
+            *_conv_bn_relu(dec_out + channels, channels), torch.nn.Conv2d(channels, n_classes, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.decoder(self.encoder(x))
+        return self.head(torch.cat([d, self.stem(x)], dim=1))
 
 
 def input_multiple(cfg: TrainConfig) -> int:

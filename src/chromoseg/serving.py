@@ -62,7 +62,8 @@ def predictor_from_checkpoint(path: str | Path, precision: str | None = None, ba
     ck = load_checkpoint(path)
     cfg = _build(TrainConfig, ck["train"], "train")
     plan = exec_plan(precision or cfg.precision, cfg.channels_last)
-    return Predictor(ck["state_dict"], cfg, ck["n_classes"], plan, backend=backend), ck
+    ab_order = ck.get("ab_order", "none")
+    return Predictor(ck["state_dict"], cfg, ck["n_classes"], plan, backend=backend, ab_order=ab_order), ck
 
 
 # ---------------------------------------------------------------------------------------------- input

@@ -12,6 +12,7 @@ checkpoint, the MLflow run is marked KILLED (the next start reopens it) and `chr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -99,6 +100,49 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int
     return x, (h, w)
 
 
+class WeightAverage:
+    """Exponential moving average of a module's float state (weights and batch-norm statistics).
+
+    `decay` 0 disables it. The effective decay ramps up as min(decay, (1 + n) / (10 + n)) over the
+    first updates so that the average is not dominated by the random initialisation. Validation,
+    the best checkpoint and the served model use the average; the optimiser steps the raw weights.
+    """
+
+    def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(net).eval() if decay > 0 else None
+        if self.module is not None:
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module) -> None:
+        if self.module is None:
+            return
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, cur in zip(self.module.state_dict().values(), net.state_dict().values(), strict=True):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(cur.detach(), 1.0 - d)
+            else:
+                avg.copy_(cur)
+
+    def target(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The module to validate and save: the average when enabled, else `net` itself."""
+        return self.module if self.module is not None else net
+
+    def state(self) -> dict | None:
+        if self.module is None:
+            return None
+        return {"updates": self.updates, "state": self.module.state_dict()}
+
+    def load(self, state: dict | None) -> None:
+        if self.module is not None and state is not None:
+            self.updates = state["updates"]
+            self.module.load_state_dict(state["state"])
+
+
 class BatchSampler:
     """Seeded per-epoch sampling and augmentation from in-memory arrays (no per-epoch state carried)."""
 
@@ -180,7 +224,9 @@ def resume_path(params: Params, fingerprint: str) -> Path:
     return project_root() / ".chromoseg" / "resume" / f"train-{fingerprint}.pt"
 
 
-def _train_epoch(model, sampler, criterion, opt, sched, plan, seed, epoch, dist, stop) -> list[float]:
+def _train_epoch(
+    model, sampler, criterion, opt, sched, plan, seed, epoch, dist, stop, ema=None
+) -> list[float]:
     """One epoch of optimiser steps on this rank's shards; raise TrainingInterruptedError between batches."""
     torch.manual_seed(seed * 100_003 + epoch)
     model.train()
@@ -195,6 +241,8 @@ def _train_epoch(model, sampler, criterion, opt, sched, plan, seed, epoch, dist,
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(ddp.unwrap(model))
         losses.append(loss.item())
         # Every rank must leave at the same step, or the others would wait in DDP's all-reduce.
         if ddp.any_rank(stop.signum is not None, dist, plan.device):
@@ -246,7 +294,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
 
     model = prepare_module(build_model(cfg, params.n_classes), plan)
     weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
-    criterion = SegLoss(cfg.loss, weights).to(plan.device)
+    criterion = SegLoss(cfg.loss, weights, permutation_invariant=cfg.pi_loss).to(plan.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, params)
 
@@ -254,12 +302,15 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     ckpt_path = resume_path(params, fp)
     start_epoch, history, best = 0, [], {"dice": -1.0, "epoch": -1, "state": None}
     run_id = None
+    # Only the main rank validates and saves, so only it keeps the average.
+    ema = WeightAverage(model, cfg.ema if dist.is_main else 0.0)
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=plan.device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["torch_rng"])
+        ema.load(ck.get("ema"))
         start_epoch, history, best, run_id = ck["epoch"] + 1, ck["history"], ck["best"], ck["run_id"]
         log.info("resuming from %s at epoch %d (MLflow run %s)", ckpt_path, start_epoch, run_id)
     # `net` is the plain module (validation, checkpoints); `model` the one that steps (DDP or not).
@@ -287,11 +338,15 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        losses = _train_epoch(model, sampler, criterion, opt, sched, plan, params.seed, epoch, dist, stop)
+        losses = _train_epoch(
+            model, sampler, criterion, opt, sched, plan, params.seed, epoch, dist, stop, ema
+        )
         train_time = time.perf_counter() - t0
         if not dist.is_main:  # other ranks: the same steps on their shards, nothing else
             continue
-        pred = Predictor(net, cfg, params.n_classes, plan, backend="torch").predict_labels(val_x)
+        pred = Predictor(
+            ema.target(net), cfg, params.n_classes, plan, backend="torch", ab_order=params.prepare.ab_order
+        ).predict_labels(val_x)
         m = SegmentationMetrics(params.n_classes)
         m.update(val_labels, pred)
         val = m.compute()
@@ -309,7 +364,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
             best = {
                 "dice": val["dice"],
                 "epoch": epoch,
-                "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                "state": {k: v.detach().cpu().clone() for k, v in ema.target(net).state_dict().items()},
             }
         log.info(
             "epoch %d/%d loss %.4f val dice %.4f overlap IoU %.4f (%.1f img/s)",
@@ -323,6 +378,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "ema": ema.state(),
                 "history": history,
                 "best": best,
                 "run_id": run_id,

@@ -21,10 +21,10 @@ def pytest_collection_modifyitems(items):
 
 
 def tiny_params(proj: Path, **train) -> None:
-    """3 epochs of 40 images on a depth-3 U-Net unless overridden."""
+    """3 epochs of 40 images on a depth-3 U-Net unless overridden; 320 images, 32 for validation."""
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["synth"]["n_images"] = 120
-    params["prepare"]["val_size"] = 16
+    params["synth"]["n_images"] = 320
+    params["prepare"]["val_size"] = 32
     params["train"].update(
         dict(epochs=3, samples_per_epoch=40, batch_size=8, encoder_depth=3, decoder_channels=[32, 16, 8])
         | train

@@ -2,7 +2,10 @@
 
 Both runs use the same global batch (8): one process with 8 images a step, two with 4 each. The
 data stream is the same (every rank draws the seeded global batch and keeps its shard), so the best
-validation dice must agree within 0.02; the difference left comes from per-rank batch norm.
+validation dice must agree within 0.02; the difference left comes from per-rank batch norm (CPU has
+no SyncBatchNorm), which changes the path of a short run. The run is long enough (800 samples) and
+the validation set larger (32 images) for the dice to have settled, so the comparison is of
+the quality reached, not of early noise.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ TOLERANCE = 0.02
 
 
 def test_two_processes_match_one(tiny_project: Path, tmp_path: Path):
-    # Long enough for the dice to settle: 6 epochs of 64 images, lr 1e-3.
-    tiny_params(tiny_project, epochs=6, samples_per_epoch=64, batch_size=8, lr=0.001, num_threads=1)
+    tiny_params(tiny_project, epochs=10, samples_per_epoch=80, batch_size=8, lr=0.001, num_threads=1)
     single = tiny_project
     multi = tmp_path / "ddp"
     shutil.copytree(single, multi)

@@ -16,6 +16,9 @@ defined so that they make sense when the real background is about 0 (grey levels
 - `texture`: robust std (1.4826 * MAD) of a 3x3 high-pass inside single-chromosome interiors,
   relative to `single_grey`: banding, chromatid groove and camera noise together.
 - `peak_ratio`: per-image 99.5th percentile of single-chromosome grey / its median (telomere spots).
+- `centre_ratio`: cross-section shape, mean over chromosomes of the grey on the axis (within 0.7 px
+  of the deepest point of the mask) / the grey at 45-65 % of the way in, single pixels away from the
+  overlap: above 1 for a rounded body, below 1 for a visible groove between the chromatids.
 - `overlap_images`: fraction of images with any overlap pixel.
 """
 
@@ -47,6 +50,7 @@ STAT_KEYS = (
     "blur_px",
     "texture",
     "peak_ratio",
+    "centre_ratio",
     "overlap_images",
 )
 # Quantities the synthetic set must match on real-dev within 15 % (the others are ~0 on real data).
@@ -59,6 +63,7 @@ MATCHED_KEYS = (
     "blur_px",
     "texture",
     "peak_ratio",
+    "centre_ratio",
 )
 _BINS = np.arange(-6.0, 7.0, 1.0)  # signed distance bins, px (negative = outside)
 
@@ -74,11 +79,25 @@ def _rise_width(dist: np.ndarray, prof: np.ndarray, lo: float = 0.1, hi: float =
     return float(np.interp(hi, prof, dist) - np.interp(lo, prof, dist))
 
 
+def _centre_ratio(g: np.ndarray, mask: np.ndarray, lab: np.ndarray) -> list[float]:
+    """[axis grey / grey 45-65 % of the way in] for one chromosome mask, or [] if too little is single."""
+    single = mask & (lab != 3) & ~ndi.binary_dilation(lab == 3, iterations=6)
+    dt = ndi.distance_transform_edt(mask)
+    r = float(np.percentile(dt[mask], 98))
+    if r < 3:
+        return []
+    core = single & (dt >= r - 0.7)
+    side = single & (dt >= 0.45 * r) & (dt <= 0.65 * r)
+    if core.sum() < 5 or side.sum() < 5:
+        return []
+    return [float(g[core].mean() / max(g[side].mean(), 1e-6))]
+
+
 def dataset_stats(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Appearance statistics (see module docstring) of (N, H, W) uint8 images and labels 0..3."""
     if images.shape != labels.shape or images.ndim != 3 or len(images) == 0:
         raise ValueError(f"images {images.shape} and labels {labels.shape} must be the same (N, H, W), N > 0")
-    widths, singles, bgs, ovs, peaks, tex = [], [], [], [], [], []
+    widths, singles, bgs, ovs, peaks, tex, centres = [], [], [], [], [], [], []
     bg_pixels = []
     prof_sum = np.zeros(len(_BINS))
     prof_cnt = np.zeros(len(_BINS))
@@ -90,6 +109,7 @@ def dataset_stats(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         for m in ((lab == 1) | (lab == 3), (lab == 2) | (lab == 3)):
             if m.any():
                 widths.append(estimate_width(m))
+                centres.extend(_centre_ratio(g, m, lab))
         if not single.any():
             continue
         s_mean = float(g[single].mean())
@@ -138,6 +158,7 @@ def dataset_stats(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "blur_px": _rise_width(_BINS[have], prof[have]),
         "texture": float(np.mean(tex)) if tex else float("nan"),
         "peak_ratio": float(np.mean(peaks)) if peaks else float("nan"),
+        "centre_ratio": float(np.mean(centres)) if centres else float("nan"),
         "overlap_images": float(np.mean([(lab == 3).any() for lab in labels])),
     }
 

@@ -2,12 +2,16 @@
 
 Each image holds two chromosomes, A and B, rendered from an analytic model fitted by eye and by
 measurement to the real-dev images (`/work/shared/data/real-dev`): black background, DAPI grey about
-70, a bright telomere spot at each chromatid tip, two sister chromatids with a centromere
-constriction, banding along the axis, intensities that add where the chromosomes overlap, optical
-blur and mild camera noise. The label is geometric (inside the chromosome outline, before blur), so
-label 3 is exactly the pixels inside both outlines; the outline sits a little outside the stained
-core, like the loose hand-drawn polygons of the real data. Slivers of at most 4 pixels where two
-outlines cross are merged into their neighbours (`chromoseg.data.validate`), so that the set is clean.
+70, a bright telomere spot at each chromatid tip, a rounded body (brighter on the axis) with two
+sister chromatids and a centromere constriction, banding along the axis, intensities that nearly add
+where the chromosomes overlap, optical blur and mild camera noise.
+
+The label is geometric (inside the chromosome outline), so label 3 is exactly the pixels inside both
+outlines. The outline is placed where the chromosome's own blurred image falls to `EDGE_LEVEL` of
+the grey inside its edge (`edge_offset`), as an annotator draws it at the visible edge: the label is
+then a function of what the image shows, not of hidden per-image shoulder widths, and a model can
+learn the boundary to a fraction of a pixel. Slivers of at most 4 pixels where two outlines cross
+are merged into their neighbours (`chromoseg.data.validate`), so that the set is clean.
 
 Groups: `source_id` is the source group of the image. Each of `n_sources` groups is a pair of source
 chromosomes (length, width, centromere, banding, telomeres) that appears in about
@@ -45,10 +49,15 @@ _N_KNOTS = 24  # banding knots along the chromosome axis
 _KNOT_T = np.linspace(0.0, 1.0, _N_KNOTS)
 _CHUNK = 512  # images per worker task
 # Appearance constants tuned against real-dev with `chromoseg data report` (see report.py).
-CORE_RANGE = (0.5, 1.1)  # stained core radius = outline radius - core * soft shoulder width
-OVERLAP_LOSS_RANGE = (0.15, 0.45)  # overlap grey = a + b - loss * min(a, b)
-SHOT_RANGE = (0.05, 0.16)  # shot noise std = factor * sqrt(grey)
+# The outline (label) is the contour where the chromosome's own noise-free image (blur and camera
+# response included) falls to EDGE_LEVEL of the grey just inside its edge: where an annotator sees the edge
+# (real-dev polygon boundaries sit at ~0.38 of the interior, `edge_fraction` in the data report).
+# A fixed level makes the label a function of the image, not of hidden per-image parameters.
+EDGE_LEVEL = 0.3
+OVERLAP_LOSS_RANGE = (0.15, 0.45)  # overlap grey = a + b - loss * a * b / grey
+SHOT_RANGE = (0.06, 0.2)  # shot noise std = factor * sqrt(grey)
 BACKGROUND_NOISE_FRACTION = 0.08  # images with a mild background offset and noise
+DOME_RANGE = (0.1, 0.4)  # rounded cross-section (Source.dome)
 BAND_RANGE = (0.05, 0.16)  # banding amplitude (relative)
 PAIR_GREY_RANGE = (0.78, 1.3)  # per-chromosome grey factor around the image's grey
 
@@ -65,6 +74,7 @@ class Source:
     telomere: float  # telomere spot brightness relative to the chromosome grey
     bands: tuple[float, ...]  # multiplicative banding profile at `_KNOT_T`
     tilt: float = 0.0  # linear brightness change from one end to the other (relative)
+    dome: float = 0.0  # rounded cross-section: grey falls by this fraction from the axis to the outline
 
 
 @dataclass(frozen=True)
@@ -104,10 +114,11 @@ def make_source(seed: int, group: int, which: int, cfg: SynthConfig) -> Source:
         width=_q(rng.uniform(wlo, whi)),
         centromere=_q(rng.uniform(0.25, 0.5) if rng.random() < 0.5 else rng.uniform(0.5, 0.75)),
         constriction=_q(rng.uniform(0.05, 0.22)),
-        groove=_q(rng.uniform(0.0, 0.15)),
+        groove=_q(rng.uniform(0.0, 0.06)),
         telomere=_q(rng.uniform(2.0, 4.4)),
         bands=tuple(_q(float(b)) for b in bands),
         tilt=_q(rng.uniform(-0.3, 0.3)),
+        dome=_q(rng.uniform(*DOME_RANGE)),
     )
 
 
@@ -147,15 +158,43 @@ def _mask_of(fields: tuple[np.ndarray, ...]) -> np.ndarray:
     return np.rint(d * Q) <= np.rint(r * Q)
 
 
-def _ink(pose: Pose, fields: tuple[np.ndarray, ...], grey: float, soft: float, cfg_core: float) -> np.ndarray:
+def _psi(u: float) -> float:
+    """Antiderivative of the standard normal CDF: u * Phi(u) + phi(u) (scalar)."""
+    return u * 0.5 * (1.0 + math.erf(u / math.sqrt(2.0))) + math.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+
+
+def edge_offset(level: float, soft: float, sigma: float, gamma: float) -> float:
+    """Distance (px) from the centre of the soft shoulder out to the `level` contour of the image.
+
+    A straight edge whose pre-blur profile falls linearly from 1 to 0 over `soft` px, blurred by a
+    Gaussian of `sigma` px, has level L(x) = sigma/soft * [psi((soft/2 - x)/sigma) -
+    psi((-soft/2 - x)/sigma)] at x px outside the shoulder centre; the camera response maps L to
+    L**gamma. Solved by bisection on scalars, quantised, so it is the same on every CPU.
+    """
+    target = level ** (1.0 / gamma)
+    lo, hi = -3.0 * (soft + sigma), 3.0 * (soft + sigma)
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        val = sigma / soft * (_psi((soft / 2 - mid) / sigma) - _psi((-soft / 2 - mid) / sigma))
+        if val > target:
+            lo = mid
+        else:
+            hi = mid
+    return _q(0.5 * (lo + hi))
+
+
+def _ink(pose: Pose, fields: tuple[np.ndarray, ...], grey: float, soft: float, offset: float) -> np.ndarray:
     """Pre-blur grey level of one chromosome in units of 1/Q, (H, W) int64."""
     s = pose.src
     u, v, d, dv, t, r = fields
-    # Stained core inside the outline with a soft shoulder; the outline (label) is slightly
-    # outside the core, as the hand-drawn polygons are around the blurred edge.
-    core = r - cfg_core * soft
+    # Stained core inside the outline with a soft shoulder whose centre is `offset` px inside the
+    # outline, so that the outline is the EDGE_LEVEL contour of the blurred image.
+    core = r - offset
     prof = np.clip((core - d) / soft + 0.5, 0.0, 1.0)
-    # Sister chromatids: a faint dark line along the axis.
+    # A rounded body (thicker, so brighter, on the axis: real-dev centre/side grey ~1.02, up to ~1.09)
+    # with a faint dark line between the sister chromatids.
+    rho = np.minimum(d / np.maximum(r, 1.0), 1.0)
+    prof = prof * (1.0 - s.dome * rho * rho)
     g = dv / (0.35 * np.maximum(r, 1.0))
     prof = prof * (1.0 - s.groove * np.maximum(0.0, 1.0 - g * g))
     band = np.interp(t, _KNOT_T, np.asarray(s.bands)) * (1.0 + s.tilt * (t - 0.5))
@@ -298,15 +337,20 @@ def render(cfg: SynthConfig, i: int) -> tuple[np.ndarray, np.ndarray, int]:
 
     grey = _q(rng.uniform(*cfg.intensity_range))
     soft = _q(rng.uniform(0.8, 1.6))
-    core = _q(rng.uniform(*CORE_RANGE))
+    sigma = _q(rng.uniform(*cfg.blur_range))
+    gamma = _q(rng.uniform(0.85, 1.15))
+    core = edge_offset(EDGE_LEVEL, soft, sigma, gamma)
     # The two chromosomes of a pair can differ in brightness by up to ~1.7x (as in real-dev), so
     # a model cannot call "overlap" from brightness alone.
     fa = _ink(A, flds_a, _q(grey * rng.uniform(*PAIR_GREY_RANGE)), soft, core)
     fb = _ink(B, flds_b, _q(grey * rng.uniform(*PAIR_GREY_RANGE)), soft, core)
     # Overlaps are a little less than additive (absorption, camera response): ratio about 1.7.
     loss = round(rng.uniform(*OVERLAP_LOSS_RANGE) * Q)
-    field = fa + fb - (np.minimum(fa, fb) * loss + Q // 2) // Q
-    blurred = _blur(field, _q(rng.uniform(*cfg.blur_range)))  # units 1/Q
+    # A smooth (bilinear) loss term: across B's edge on A's plateau the added grey is B's own profile
+    # times a constant, so the overlap outline sits at the same relative level as any other edge.
+    gq = max(round(grey * Q), 1)
+    field = fa + fb - ((fa * fb + gq // 2) // gq * loss + Q // 2) // Q
+    blurred = _blur(field, sigma)  # units 1/Q
 
     # Camera noise: shot noise that scales with sqrt(signal), plus mild background noise/offset
     # in a minority of images (real-dev backgrounds are clean, about 0).
@@ -319,7 +363,6 @@ def render(cfg: SynthConfig, i: int) -> tuple[np.ndarray, np.ndarray, int]:
     total = blurred + np.rint(noise * Q).astype(np.int64)
     img = np.clip((total + Q // 2) // Q, 0, 255)
 
-    gamma = _q(rng.uniform(0.85, 1.15))
     lut = np.array([round(255.0 * (k / 255.0) ** gamma) for k in range(256)], dtype=np.uint8)
     return lut[img.astype(np.uint8)], label, group
 
