@@ -162,6 +162,23 @@ def test_normalize_intensity_is_exposure_invariant():
     np.testing.assert_array_equal(normalize_intensity(dark), dark)
 
 
+@pytest.mark.parametrize("overlap_rows", [2, 6, 9])
+def test_single_mode_keeps_single_grey_whatever_the_overlap_size(overlap_rows: int):
+    from chromoseg.infer import normalize_intensity
+
+    img = np.zeros((1, 20, 20), np.float32)
+    img[0, 2:18, 5:10] = 70 / 255  # a single chromosome, 16 rows
+    img[0, 2 : 2 + overlap_rows, 5:10] = 119 / 255  # overlap 1.7x as bright, up to 9 of 16 rows
+    single = normalize_intensity(img, "single")
+    assert single[0, 17, 6] == pytest.approx(0.5)
+    assert single[0, 2, 6] == pytest.approx(0.85)
+    # The median moves onto the overlap once it covers more than half of the chromosome pixels.
+    median = normalize_intensity(img, "foreground")
+    assert (median[0, 17, 6] == pytest.approx(0.5)) == (overlap_rows < 8)
+    with pytest.raises(ValueError, match="normalize mode"):
+        normalize_intensity(img, "mean")
+
+
 def test_full_res_branch_model_runs_and_round_trips() -> None:
     from dataclasses import replace
 

@@ -93,7 +93,7 @@ class TrainConfig:
     augment: bool = True
     # "foreground": each image is scaled so its median chromosome grey is 0.5 (train and inference);
     # "none": grey / 255 as is. Default "none" so that older checkpoints keep their behaviour.
-    normalize: Literal["none", "foreground"] = "none"
+    normalize: Literal["none", "foreground", "single"] = "none"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     num_threads: int = 0

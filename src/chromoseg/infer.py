@@ -151,8 +151,7 @@ class Predictor:
 
     def _predict(self, images: np.ndarray, labels: bool) -> np.ndarray:
         x = _validate_images(images)
-        if self.cfg.normalize == "foreground":
-            x = normalize_intensity(x)
+        x = normalize_intensity(x, self.cfg.normalize)
         n, h, w = x.shape
         hp, wp = padded_size(h, w, self.multiple)
         shape = (n, h, w) if labels else (n, self.n_classes, h, w)
@@ -176,21 +175,30 @@ class Predictor:
             return logits.float().contiguous().cpu().numpy()
 
 
-def normalize_intensity(x: np.ndarray) -> np.ndarray:
-    """(N, H, W) float in [0, 1] -> float32, each image scaled so its median chromosome grey is 0.5.
+def normalize_intensity(x: np.ndarray, mode: str = "foreground") -> np.ndarray:
+    """(N, H, W) float in [0, 1] -> float32, each image scaled so its chromosome grey is 0.5.
 
     Real images differ in staining and exposure; overlaps are told apart from single chromosomes by
-    being about twice as bright *relative to the same image*, so the network sees relative grey.
-    Foreground = pixels above a quarter of the image's maximum; its median is dominated by single
-    (not overlapping) chromosome pixels. Nearly black images (max < 0.02) are left as they are.
+    being about 1.7 times as bright *relative to the same image*, so the network sees relative grey.
+    Foreground = pixels above a quarter of the image's maximum. `foreground`: its median is scaled
+    to 0.5; when the overlap covers much of the pair (nearly parallel chromosomes) the median is an
+    overlap grey, so single and overlap grey move with the overlap's size. `single`: its 30th
+    percentile, which stays on single-chromosome pixels (the overlap is the brightest part) until
+    the overlap covers most of the pair. `none`: unchanged. Nearly black images (max < 0.02) are
+    left as they are.
     """
+    if mode == "none":
+        return np.asarray(x, np.float32)
+    if mode not in ("foreground", "single"):
+        raise ValueError(f"normalize mode {mode!r} is not one of ['none', 'foreground', 'single']")
+    q = 50 if mode == "foreground" else 30
     n = x.shape[0]
     flat = x.reshape(n, -1)
     peak = flat.max(axis=1)
     scale = np.ones(n, np.float32)
     for i in np.flatnonzero(peak >= 0.02):
         row = flat[i]
-        scale[i] = 0.5 / max(float(np.median(row[row > 0.25 * peak[i]])), 1e-3)
+        scale[i] = 0.5 / max(float(np.percentile(row[row > 0.25 * peak[i]], q)), 1e-3)
     return np.clip(x * scale[:, None, None], 0.0, 4.0).astype(np.float32)
 
 

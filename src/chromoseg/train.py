@@ -175,8 +175,7 @@ class BatchSampler:
             x, _ = pad_to_multiple(x, self.multiple)
             y, _ = pad_to_multiple(y, self.multiple)
             xf = x.astype(np.float32) / 255.0
-            if self.cfg.normalize == "foreground":
-                xf = normalize_intensity(xf)
+            xf = normalize_intensity(xf, self.cfg.normalize)
             yield (
                 torch.from_numpy(xf)[:, None],
                 torch.from_numpy(y.astype(np.int64)),

@@ -53,7 +53,7 @@ _CHUNK = 512  # images per worker task
 # response included) falls to EDGE_LEVEL of the grey just inside its edge: where an annotator sees the edge
 # (real-dev polygon boundaries sit at ~0.38 of the interior, `edge_fraction` in the data report).
 # A fixed level makes the label a function of the image, not of hidden per-image parameters.
-EDGE_LEVEL = 0.3
+EDGE_LEVEL = 0.32
 OVERLAP_LOSS_RANGE = (0.15, 0.45)  # overlap grey = a + b - loss * a * b / grey
 SHOT_RANGE = (0.06, 0.2)  # shot noise std = factor * sqrt(grey)
 BACKGROUND_NOISE_FRACTION = 0.08  # images with a mild background offset and noise
