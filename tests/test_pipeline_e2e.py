@@ -109,3 +109,12 @@ def test_exp_run_four_classes(project):
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], proj, env))
     text = json.dumps(shown)
     assert text.count('"dice"') >= 2
+
+
+def test_promotion_verdict_shows_enough_digits_to_tell_scores_apart():
+    from chromoseg.registry import _digits
+
+    assert _digits(0.97, 0.95) == 4
+    assert _digits(0.216684098, 0.216689439) == 5  # 0.2167 twice, then 0.21668 vs 0.21669
+    assert _digits(0.5, 0.5) == 4  # a tie stays at 4 decimals
+    assert _digits(0.1, 0.1 + 1e-12) == 8  # capped

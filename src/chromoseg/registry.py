@@ -95,6 +95,14 @@ def rescore_model(model_uri: str, test: dict[str, np.ndarray], combine_label: bo
     return registry_score(metrics, combine_label)[1]
 
 
+def _digits(a: float, b: float, lo: int = 4, hi: int = 8) -> int:
+    """Decimals needed to show two different scores as different (4 unless they agree that far)."""
+    d = lo
+    while d < hi and a != b and f"{a:.{d}f}" == f"{b:.{d}f}":
+        d += 1
+    return d
+
+
 def run_register(params: Params) -> dict:
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -149,9 +157,10 @@ def run_register(params: Params) -> dict:
             )
         promoted = new_score > champ_score
         verb = "beats" if promoted else "does not beat"
+        d = _digits(new_score, champ_score)
         verdict = (
-            f"v{mv.version} ({kind} {new_score:.4f}) {verb} {cfg.alias} v{champ.version} "
-            f"({kind} {champ_score:.4f}) on the same test split"
+            f"v{mv.version} ({kind} {new_score:.{d}f}) {verb} {cfg.alias} v{champ.version} "
+            f"({kind} {champ_score:.{d}f}) on the same test split"
             + (
                 f": v{mv.version} is the new {cfg.alias}"
                 if promoted

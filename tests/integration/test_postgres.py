@@ -2,7 +2,9 @@
 
 `scripts/postgres.sh` installs Debian's postgresql when missing (root) and starts a throwaway
 server on a free 127.0.0.1 port. train -> evaluate -> register run twice with
-MLFLOW_TRACKING_URI=postgresql://...; the second model (3 epochs against 1) must win and take the alias.
+MLFLOW_TRACKING_URI=postgresql://...; the second model (3 epochs of 160 images against 1 of 40)
+must win and take the alias. 1 against 3 epochs of 40 images is not enough: both models stay
+near-degenerate (dice 0.21668 vs 0.21669 on AVX2 fp32), so the outcome would hang on the last digit.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def test_tracking_and_registry_on_postgres(tiny_project: Path, postgres_uri: str
     artifacts = tmp_path / "artifact-root"
     env = project_env(MLFLOW_TRACKING_URI=postgres_uri, CHROMOSEG_ARTIFACT_ROOT=artifacts.as_uri())
     proj = tiny_project
-    for epochs in (1, 3):
-        tiny_params(proj, epochs=epochs)
+    for epochs, samples in ((1, 40), (3, 160)):  # measured on AVX2 fp32: dice 0.217, then 0.784
+        tiny_params(proj, epochs=epochs, samples_per_epoch=samples)
         for stage in ("train", "evaluate", "register"):
             run(["chromoseg", stage], proj, env)
         reg = json.loads((proj / "metrics/register.json").read_text())
@@ -56,7 +58,8 @@ def test_tracking_and_registry_on_postgres(tiny_project: Path, postgres_uri: str
     assert not (proj / "mlruns.db").exists(), "the sqlite default was used instead of postgres"
 
     client = mlflow.MlflowClient(tracking_uri=postgres_uri, registry_uri=postgres_uri)
-    assert reg["promoted"], reg["verdict"]  # 3 epochs beat 1: the alias must move to v2
+    # the trained model beats the untrained one: the alias must move to v2
+    assert reg["promoted"], reg["verdict"]
     assert str(client.get_model_version_by_alias("chromoseg-unet", "champion").version) == "2"
     # Run data in postgres, files under the separate artifact root.
     run_id = json.loads((proj / "models/run.json").read_text())["run_id"]
