@@ -58,9 +58,8 @@ def predict_split(predictor, images: np.ndarray, combine_label: bool) -> tuple[n
     from chromoseg.serving import postprocess
 
     x = images.astype(np.float32) / 255.0
-    labels = predictor.predict_labels(x)
-    out = postprocess(labels, combine_label, x)
-    return labels, instances_to_labels4(out["mask_a"], out["mask_b"])
+    out = postprocess(predictor.predict_labels(x), combine_label, x)
+    return out["labels"], instances_to_labels4(out["mask_a"], out["mask_b"])
 
 
 def run_evaluate(params: Params) -> dict:

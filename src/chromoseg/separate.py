@@ -15,6 +15,12 @@ into two parts, which are grown back over the blob by a watershed.
 
 Measured on ground-truth combined labels (2000-image synthetic set, first 1000): chromosome PI IoU
 0.974 (the previous centroid-direction pairing: 0.801, it never cut the arms apart).
+
+Before separation, `drop_small_overlaps` turns predicted overlap specks smaller than
+MIN_OVERLAP_REL * width^2 back into chromosome: two chromosomes of width w that cross cover at
+least about w^2 (synthetic test truth: every overlap >= 0.86 w^2; real-dev crossings >= 0.70 w^2),
+while a false speck at a centromere constriction would otherwise be taken for the crossing and cut
+one chromosome in two.
 """
 
 from __future__ import annotations
@@ -27,7 +33,41 @@ from scipy import ndimage as ndi
 MIN_ARM = 4  # pixels; smaller fragments are noise and join the nearest arm
 MAX_ARMS = 4
 MAX_CUT = 3  # px: how far the overlap is grown at most to cut the arms apart
+MIN_OVERLAP_REL = 0.25  # overlap components below this * width^2 are specks, not a crossing
 _EIGHT = np.ones((3, 3), bool)
+
+
+def drop_small_overlaps(
+    labels: np.ndarray, combine_label: bool, min_rel: float = MIN_OVERLAP_REL
+) -> np.ndarray:
+    """(N, H, W) or (H, W) predicted labels with overlap components smaller than `min_rel` * w^2
+    (w: the chromosome width of that image) relabelled: to chromosome (combined) or to the nearest
+    of A and B (4 classes). Returns a new array."""
+    from chromoseg.data.labelme import estimate_width
+
+    ov_class = 2 if combine_label else 3
+    out = np.array(labels, dtype=np.uint8, copy=True)
+    flat = out[None] if out.ndim == 2 else out
+    for lab in flat:
+        ov = lab == ov_class
+        if not ov.any():
+            continue
+        width = estimate_width(lab > 0)
+        comps, n = ndi.label(ov, structure=_EIGHT)
+        sizes = ndi.sum_labels(np.ones_like(comps), comps, index=np.arange(1, n + 1))
+        small = np.isin(comps, 1 + np.flatnonzero(sizes < min_rel * width * width))
+        if not small.any():
+            continue
+        if combine_label:
+            lab[small] = 1
+            continue
+        single = (lab == 1) | (lab == 2)
+        if not single.any():
+            lab[small] = 1
+            continue
+        _, (iy, ix) = ndi.distance_transform_edt(~single, return_indices=True)
+        lab[small] = lab[iy, ix][small]
+    return out
 
 
 def separate_instances(labels: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:

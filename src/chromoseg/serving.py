@@ -223,12 +223,16 @@ def to_float_images(x: Any, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
 
 
 def postprocess(labels: np.ndarray, combine_label: bool, images: np.ndarray | None = None) -> dict:
-    """(N, H, W) label maps -> dict of label map and instance masks (A, B include the overlap), uint8."""
+    """(N, H, W) label maps -> dict of label map and instance masks (A, B include the overlap), uint8.
+
+    Overlap specks too small to be a crossing are relabelled first (`separate.drop_small_overlaps`),
+    so the returned label map is the cleaned one.
+    """
     from chromoseg.labels import labels_to_instances
+    from chromoseg.separate import drop_small_overlaps, separate_instances
 
+    labels = drop_small_overlaps(labels, combine_label)
     if combine_label:
-        from chromoseg.separate import separate_instances
-
         labels4 = separate_instances(labels, images)
     else:
         labels4 = labels
