@@ -64,6 +64,24 @@ def test_swapped_prediction_is_perfect_when_permutation_invariant():
     assert out["dice_pi"] == 1.0
     assert out["iou_chromosome_a_pi"] == 1.0 and out["iou_chromosomes_pi"] == 1.0
     assert out["n_swapped"] == 1
+    # Merged to one chromosome class the swap does not matter either.
+    assert out["dice_combined"] == 1.0
+
+
+def test_dice_combined_of_a_four_class_prediction_by_hand():
+    true = np.array([[[0, 1, 1, 3, 2, 2], [0, 0, 1, 3, 2, 0]]])
+    pred = np.array([[[1, 1, 2, 3, 2, 0], [0, 0, 3, 1, 2, 0]]])
+    m = SegmentationMetrics(4)
+    m.update(true, pred)
+    out = m.compute()
+    # Merged (A, B -> chromosome; overlap stays): truth [0 c c o c c | 0 0 c o c 0],
+    # prediction [c c c o c 0 | 0 0 o c c 0]. Correct non-background: 4 (row 0) + 1 (row 1) = 5;
+    # GT non-background 5 + 3, PL non-background 5 + 3 -> 2 * 5 / 16.
+    assert out["dice_combined"] == pytest.approx(0.625)
+    # The same as scoring the merged labels with the 3-class metrics.
+    three = SegmentationMetrics(3)
+    three.update(combine_labels(true), combine_labels(pred))
+    assert out["dice_combined"] == pytest.approx(three.compute()["dice"])
 
 
 def test_permutation_chosen_per_image():

@@ -106,6 +106,11 @@ def test_exp_run_four_classes(project):
     ev = json.loads((proj / "metrics/eval.json").read_text())
     assert ev["combine_label"] is False
     assert sorted(ev["iou_per_class"]) == ["background", "chromosome_a", "chromosome_b", "overlap"]
+    # Merging A and B can only turn wrong pixels right: never below the plain 4-class dice.
+    assert ev["dice"] <= ev["dice_combined"] <= 1.0
+    summary = _run(["chromoseg", "summary"], proj, env)
+    assert "4 classes" in summary and f"{ev['dice_combined']:.4f}" in summary
+    assert f"{ev['dice_pi']:.4f}" in summary
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], proj, env))
     text = json.dumps(shown)
     assert text.count('"dice"') >= 2

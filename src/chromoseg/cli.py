@@ -299,6 +299,9 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
         f"  test dice (Ghosh 2017)      {ev['dice']:.4f}",
         f"  overlap IoU                 {ev['iou_overlap']:.4f}",
     ]
+    for key, name in (("dice_pi", "dice, A/B PI"), ("dice_combined", "dice, A and B merged")):
+        if key in ev:
+            out.append(f"  {name:<28}{ev[key]:.4f}")
     if "iou_chromosomes_pi" in ev:
         out.append(f"  chromosomes IoU (A/B PI)    {ev['iou_chromosomes_pi']:.4f}")
     out += [

@@ -9,6 +9,8 @@ One module for training (validation dice), evaluation and serving. Definitions:
   prediction's A and B may be swapped; the assignment with more correct pixels is taken.
 - Separated chromosome IoU: chromosome A = {A only, overlap}, B = {B only, overlap}; IoU of each,
   pooled over images under the chosen assignment; `iou_chromosomes_pi` is the mean of the two.
+- dice_combined (4 classes): Ghosh dice after merging A and B into one chromosome class, so a
+  4-class model can be compared with a combined-label one on the same footing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ import numpy as np
 from chromoseg.config import class_names
 
 SWAP_AB = np.array([0, 2, 1, 3])
+MERGE_AB = np.array([0, 1, 1, 2])  # 4-class -> combined: A and B become one chromosome class
+
+
+def merge_ab(conf: np.ndarray) -> np.ndarray:
+    """(..., 4, 4) confusion counts -> (..., 3, 3) with chromosome A and B merged."""
+    onehot = np.eye(3, dtype=conf.dtype)[MERGE_AB]  # (4, 3)
+    return onehot.T @ conf @ onehot
 
 
 def confusion_per_image(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -126,6 +135,7 @@ def summarize(confs: np.ndarray, n_classes: int) -> dict:
         "confusion_matrix": total.tolist(),
     }
     if n_classes == 4:
+        out["dice_combined"] = ghosh_dice(merge_ab(total))
         out.update(permutation_invariant(confs))
     return out
 
