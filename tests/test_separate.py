@@ -27,6 +27,10 @@ def thick_line(p0: tuple[float, float], p1: tuple[float, float], radius: float) 
     return np.linalg.norm(p - closest, axis=-1) <= radius
 
 
+def iou(p: np.ndarray, t: np.ndarray) -> float:
+    return float((p & t).sum() / (p | t).sum())
+
+
 def separate(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Combine the two truth masks, separate, return the predicted (mask_a, mask_b)."""
     pred = separate_instances(combine_labels(instances_to_labels4(a, b)))
@@ -143,8 +147,7 @@ def test_x_cross_at_many_angles(angle: float) -> None:
     ga, gb = separate(a, b)
     if (ga & a).sum() < (gb & a).sum():
         ga, gb = gb, ga
-    iou = min((ga & a).sum() / (ga | a).sum(), (gb & b).sum() / (gb | b).sum())
-    assert iou > 0.95
+    assert min(iou(ga, a), iou(gb, b)) > 0.95
 
 
 def test_small_false_overlap_is_dropped_and_a_touching_pair_split_at_the_neck() -> None:
@@ -181,7 +184,3 @@ def test_four_class_speck_goes_to_the_surrounding_chromosome() -> None:
     assert (out[8:10, 23:25] == 1).all()
     assert ((out == 3) == (a & b)).all()  # the true overlap stays
     assert lab4[8, 23] == 3  # the input is not modified
-
-
-def iou(p: np.ndarray, t: np.ndarray) -> float:
-    return float((p & t).sum() / (p | t).sum())

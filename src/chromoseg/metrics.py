@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chromoseg.config import class_names
+from chromoseg.labels import combine_labels
 
 SWAP_AB = np.array([0, 2, 1, 3])
-MERGE_AB = np.array([0, 1, 1, 2])  # 4-class -> combined: A and B become one chromosome class
 
 
 def merge_ab(conf: np.ndarray) -> np.ndarray:
     """(..., 4, 4) confusion counts -> (..., 3, 3) with chromosome A and B merged."""
-    onehot = np.eye(3, dtype=conf.dtype)[MERGE_AB]  # (4, 3)
+    onehot = np.eye(3, dtype=conf.dtype)[combine_labels(np.arange(4))]  # (4, 3): the label mapping
     return onehot.T @ conf @ onehot
 
 
