@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 _COMBINE = np.array([0, 1, 1, 2], dtype=np.uint8)
-_SWAP = np.array([0, 2, 1, 3], dtype=np.uint8)
+SWAP_AB = np.array([0, 2, 1, 3], dtype=np.uint8)  # label map that swaps chromosome A and B
 
 
 def combine_labels(labels4: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ def canonical_ab(labels4: np.ndarray, rule: str = "area") -> np.ndarray:
         ca, cb = (cols * in_a).sum(1) / na, (cols * in_b).sum(1) / nb
         swap = (rb < ra) | ((rb == ra) & (cb < ca))
     out = lab.copy()
-    out[swap] = _SWAP[lab[swap]]
+    out[swap] = SWAP_AB[lab[swap]]
     return out[0] if labels4.ndim == 2 else out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from chromoseg.labels import SWAP_AB
+
 
 class SegLoss(torch.nn.Module):
     """Class-weighted cross-entropy, soft multiclass dice, or their sum (`ce`, `dice`, `ce+dice`)."""
@@ -46,14 +48,11 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - dice[1:].mean()
 
 
-_SWAP_AB = (0, 2, 1, 3)
-
-
 def align_ab(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per image, the 4-class target (0 bg, 1 A, 2 B, 3 overlap) as given or with A and B swapped,
     whichever the logits fit better (lower mean cross-entropy); no gradient flows through the choice."""
     with torch.no_grad():
-        swapped = torch.tensor(_SWAP_AB, device=target.device)[target]
+        swapped = torch.as_tensor(SWAP_AB, dtype=torch.long, device=target.device)[target]
         ce = F.cross_entropy(logits, target, reduction="none").mean((1, 2))
         ce_sw = F.cross_entropy(logits, swapped, reduction="none").mean((1, 2))
         use = (ce_sw < ce)[:, None, None]

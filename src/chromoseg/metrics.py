@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chromoseg.config import class_names
-from chromoseg.labels import combine_labels
-
-SWAP_AB = np.array([0, 2, 1, 3])
+from chromoseg.labels import SWAP_AB, combine_labels
 
 
 def merge_ab(conf: np.ndarray) -> np.ndarray:
