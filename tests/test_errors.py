@@ -270,6 +270,20 @@ def test_params_bad_choice(project):
 # --- later stages and the registry ----------------------------------------------------------------
 
 
+def test_unusable_tracking_store(project):
+    """A tracking URI that cannot be opened stops training before it starts, naming the store."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["mlflow"]["tracking_uri"] = "sqlite:////proc/no-such-dir/mlruns.db"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    run_and_check(
+        project,
+        ["train"],
+        "MLflow tracking store sqlite:////proc/no-such-dir/mlruns.db cannot be used",
+        "mlflow.tracking_uri",
+        changed=("params.yaml",),
+    )
+
+
 def test_evaluate_without_model(project):
     run_and_check(project, ["evaluate"], "no trained model", "dvc repro train")
 

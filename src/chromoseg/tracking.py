@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from chromoseg.config import MlflowConfig
+from chromoseg.config import ConfigError, MlflowConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,25 @@ def setup_mlflow(cfg: MlflowConfig) -> str:
     uri = tracking_uri(cfg, root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        exp_id = client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, root))
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
+    try:
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            exp_id = client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, root))
+        else:
+            exp_id = exp.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
+    except Exception as exc:  # MlflowException, SQLAlchemy and connection errors alike
+        raise ConfigError(
+            f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {_first_line(exc)}); "
+            "set mlflow.tracking_uri in params.yaml (or MLFLOW_TRACKING_URI) to a reachable store, "
+            "e.g. sqlite:///mlruns.db"
+        ) from exc
     log.info("MLflow: %s, experiment %s (%s)", uri, cfg.experiment, exp_id)
     return exp_id
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else "")[:limit]
