@@ -201,3 +201,29 @@ def test_full_res_branch_model_runs_and_round_trips() -> None:
     assert np.abs(changed - logits).max() > 1e-3
     with pytest.raises(ValueError, match="full_res_channels"):
         build_model(replace(cfg, arch="FPN"), 3)
+
+
+def test_ab_aux_model_is_4_class_in_training_and_3_class_outside() -> None:
+    from dataclasses import replace
+
+    from chromoseg.losses import merge_ab_logits
+    from chromoseg.model import MergeAB
+
+    cfg = replace(TINY, ab_aux=True)
+    torch.manual_seed(2)
+    net = build_model(cfg, 3)
+    assert isinstance(net, MergeAB)
+    x = torch.rand(2, 1, 32, 32)
+    logits4 = net.train()(x)
+    assert logits4.shape == (2, 4, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), merge_ab_logits(net.net(x)))
+    # 4-class training has its own A/B classes: the flag adds nothing there.
+    assert not isinstance(build_model(cfg, 4), MergeAB)
+    # Rebuilt from a state dict (evaluate, serving) and exported to ONNX, it answers in 3 classes.
+    images = np.random.default_rng(6).random((2, 37, 50), dtype=np.float32)
+    eager = Predictor(net.state_dict(), cfg, 3, FP32, backend="torch").predict_logits(images)
+    assert eager.shape == (2, 3, 37, 50)
+    onnx = Predictor(net, cfg, 3, FP32, backend="onnx").predict_logits(images)
+    np.testing.assert_allclose(onnx, eager, atol=1e-4)

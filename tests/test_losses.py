@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from chromoseg.infer import Predictor
 from chromoseg.labels import canonical_ab
-from chromoseg.losses import SegLoss, align_ab
+from chromoseg.losses import AuxABLoss, SegLoss, align_ab, merge_ab_logits
 
 
 def _labels4() -> torch.Tensor:
@@ -45,6 +45,34 @@ def test_pi_loss_ignores_a_swap_and_plain_loss_does_not():
     assert plain(wrong, y) > plain(right, y) + 1.0
     # 3 classes: nothing to permute, the flag is ignored.
     assert not SegLoss("ce", (1.0, 1.0, 1.0), permutation_invariant=True).permutation_invariant
+
+
+def test_merge_ab_logits_pools_a_and_b_probabilities():
+    logits4 = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(3))
+    p4 = logits4.softmax(1)
+    p3 = merge_ab_logits(logits4).softmax(1)
+    torch.testing.assert_close(p3[:, 0], p4[:, 0])
+    torch.testing.assert_close(p3[:, 1], p4[:, 1] + p4[:, 2])
+    torch.testing.assert_close(p3[:, 2], p4[:, 3])
+
+
+def test_aux_ab_loss_is_the_combined_loss_plus_a_permutation_invariant_term():
+    y = _labels4()
+    swapped = torch.tensor([0, 2, 1, 3])[y]
+    combined = torch.tensor([0, 1, 1, 2])[y]
+    logits = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    w3, w4 = (1.0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0)
+    aux = AuxABLoss("ce+dice", w3, w4)
+    expected = SegLoss("ce+dice", w3)(merge_ab_logits(logits), combined) + SegLoss(
+        "ce+dice", w4, permutation_invariant=True
+    )(logits, y)
+    torch.testing.assert_close(aux(logits, y), expected)
+    # A and B carry no order: swapping them in the target changes nothing.
+    torch.testing.assert_close(aux(logits, swapped), aux(logits, y))
+    # A network that calls both chromosomes "A" is right in combined terms, but the auxiliary term
+    # still charges it for not telling them apart.
+    no_split = torch.tensor([0, 1, 1, 3])[y]
+    assert aux(_confident_logits(no_split), y) > aux(_confident_logits(y), y) + 1.0
 
 
 class _Fixed(torch.nn.Module):

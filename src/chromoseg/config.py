@@ -91,6 +91,14 @@ class TrainConfig:
     class_weights_combined: tuple[float, ...] = (0.1, 1.0, 10.0)
     class_weights_4: tuple[float, ...] = (0.1, 1.0, 1.0, 10.0)
     augment: bool = True
+    # Probability of a random affine warp (rotation, scale, shift) when augmenting. It resamples the
+    # image bilinearly and the label by nearest neighbour, which moves the label up to half a pixel
+    # off the image's edge; the synthetic default already varies pose and scale exactly.
+    affine_p: float = 0.5
+    # Combined labels only: the network has a 4-class head (chromosome A and B, scored
+    # permutation-invariantly) whose A and B are merged into "chromosome" for its output; telling the
+    # two chromosomes apart is an auxiliary task. The output and every metric stay 3-class.
+    ab_aux: bool = False
     # "foreground": each image is scaled so its median chromosome grey is 0.5 (train and inference);
     # "none": grey / 255 as is. Default "none" so that older checkpoints keep their behaviour.
     normalize: Literal["none", "foreground", "single"] = "none"
@@ -241,6 +249,8 @@ def _validate(p: Params) -> None:
         raise ConfigError("train.class_weights_combined needs 3 values (background, chromosome, overlap)")
     if len(p.train.class_weights_4) != 4:
         raise ConfigError("train.class_weights_4 needs 4 values (background, A, B, overlap)")
+    if not 0.0 <= p.train.affine_p <= 1.0:
+        raise ConfigError(f"train.affine_p is a probability, in [0, 1]; got {p.train.affine_p}")
     if p.synth.n_images < 1:
         raise ConfigError(f"synth.n_images must be >= 1, got {p.synth.n_images}")
 

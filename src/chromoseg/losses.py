@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chromoseg.labels import SWAP_AB
+from chromoseg.labels import SWAP_AB, combine_labels
 
 
 class SegLoss(torch.nn.Module):
@@ -34,6 +35,34 @@ class SegLoss(torch.nn.Module):
         if "dice" in self.kind:
             loss = loss + soft_dice_loss(logits, target)
         return loss
+
+
+def merge_ab_logits(logits4: torch.Tensor) -> torch.Tensor:
+    """(N, 4, H, W) logits (bg, A, B, overlap) -> (N, 3, H, W) (bg, chromosome, overlap).
+
+    log(exp(a) + exp(b)) for the chromosome class, so the softmax of the result is exactly the
+    4-class softmax with P(A) + P(B) pooled.
+    """
+    merged = torch.logsumexp(logits4[:, 1:3], dim=1, keepdim=True)
+    return torch.cat([logits4[:, :1], merged, logits4[:, 3:]], dim=1)
+
+
+class AuxABLoss(torch.nn.Module):
+    """Combined labels with the A/B split as an auxiliary task (`train.ab_aux`).
+
+    Takes 4-class logits and 4-class targets: the main term scores the merged (3-class) logits against
+    the combined labels, the auxiliary term the 4 classes permutation-invariantly.
+    """
+
+    def __init__(self, kind: str, weights3: tuple[float, ...], weights4: tuple[float, ...]) -> None:
+        super().__init__()
+        self.main = SegLoss(kind, weights3)
+        self.aux = SegLoss(kind, weights4, permutation_invariant=True)
+        self.register_buffer("combine", torch.as_tensor(combine_labels(np.arange(4)), dtype=torch.long))
+
+    def forward(self, logits4: torch.Tensor, target4: torch.Tensor) -> torch.Tensor:
+        logits4 = logits4.float()
+        return self.main(merge_ab_logits(logits4), self.combine[target4]) + self.aux(logits4, target4)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

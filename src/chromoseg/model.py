@@ -19,7 +19,16 @@ ARCHS = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", 
 
 
 def build_model(cfg: TrainConfig, n_classes: int) -> torch.nn.Module:
-    """An smp model with a grey (1-channel) input and `n_classes` logits, no pretrained weights."""
+    """An smp model with a grey (1-channel) input and `n_classes` logits, no pretrained weights.
+
+    Combined labels with `cfg.ab_aux`: a 4-class network inside `MergeAB` (3-class logits out).
+    """
+    if cfg.ab_aux and n_classes == 3:
+        return MergeAB(_build_net(cfg, 4))
+    return _build_net(cfg, n_classes)
+
+
+def _build_net(cfg: TrainConfig, n_classes: int) -> torch.nn.Module:
     import segmentation_models_pytorch as smp
 
     if cfg.arch not in ARCHS:
@@ -83,6 +92,25 @@ class FullResUnet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.decoder(self.encoder(x))
         return self.head(torch.cat([d, self.stem(x)], dim=1))
+
+
+class MergeAB(torch.nn.Module):
+    """A 4-class network (bg, A, B, overlap) used as a combined-label model (`train.ab_aux`).
+
+    In training mode it returns the 4-class logits, for `losses.AuxABLoss`; in eval mode (validation,
+    evaluation, export, serving) the 3-class logits with A and B merged (`losses.merge_ab_logits`),
+    so everything downstream sees an ordinary combined-label model.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from chromoseg.losses import merge_ab_logits
+
+        logits4 = self.net(x)
+        return logits4 if self.training else merge_ab_logits(logits4)
 
 
 def input_multiple(cfg: TrainConfig) -> int:

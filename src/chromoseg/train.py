@@ -32,7 +32,7 @@ from chromoseg.config import Params
 from chromoseg.fsutil import atomic_path, write_json
 from chromoseg.infer import Predictor, normalize_intensity
 from chromoseg.labels import canonical_ab, combine_labels
-from chromoseg.losses import SegLoss
+from chromoseg.losses import AuxABLoss, SegLoss
 from chromoseg.metrics import SegmentationMetrics
 from chromoseg.model import build_model, exec_plan, input_multiple, prepare_module, set_threads, to_input
 from chromoseg.prepare import load_split
@@ -152,7 +152,7 @@ class BatchSampler:
         self.params = params
         self.cfg = params.train
         self.multiple = input_multiple(self.cfg)
-        self.transform = train_transform(params.seed, enabled=self.cfg.augment)
+        self.transform = train_transform(params.seed, enabled=self.cfg.augment, affine_p=self.cfg.affine_p)
 
     def epoch(self, epoch: int):
         """Yield (x float32 (B,1,H,W), y int64 (B,H,W)) batches for `epoch`, padded to the multiple."""
@@ -170,7 +170,7 @@ class BatchSampler:
                 ys.append(out["mask"])
             x = np.stack(xs)
             y = canonical_ab(np.stack(ys), self.params.prepare.ab_order)
-            if self.params.combine_label:
+            if self.params.combine_label and not self.cfg.ab_aux:  # ab_aux: the loss combines them
                 y = combine_labels(y)
             x, _ = pad_to_multiple(x, self.multiple)
             y, _ = pad_to_multiple(y, self.multiple)
@@ -293,7 +293,10 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
 
     model = prepare_module(build_model(cfg, params.n_classes), plan)
     weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
-    criterion = SegLoss(cfg.loss, weights, permutation_invariant=cfg.pi_loss).to(plan.device)
+    if params.combine_label and cfg.ab_aux:
+        criterion = AuxABLoss(cfg.loss, cfg.class_weights_combined, cfg.class_weights_4).to(plan.device)
+    else:
+        criterion = SegLoss(cfg.loss, weights, permutation_invariant=cfg.pi_loss).to(plan.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, params)
 
