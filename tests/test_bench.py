@@ -28,6 +28,18 @@ def test_count_params_sees_unused_stages() -> None:
     assert 0 < counts["params_used"] < counts["params"]
 
 
+def test_default_config_benches_the_network_as_trained(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for combine, aux, expected in ((True, True, 4), (True, False, 3), (False, True, 4)):
+        params["combine_label"], params["train"]["ab_aux"] = combine, aux
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        cfg, n_classes = bench.default_config(str(path))
+        # A combined model with the A/B head has 4 output channels: benched as a 4-class network.
+        assert (n_classes, cfg.ab_aux) == (expected, False if combine and aux else aux)
+
+
 def test_toy_batch_labels() -> None:
     images, labels = bench.toy_batch(np.random.default_rng(0), 3, 4, size=32)
     assert images.shape == labels.shape == (3, 32, 32)
