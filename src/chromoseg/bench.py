@@ -89,7 +89,7 @@ def default_config(params_path: str = "params.yaml") -> tuple[TrainConfig, int]:
         log.info("%s not found: benchmarking TrainConfig() defaults", params_path)
         return TrainConfig(), 3
     p = load_params(params_path)
-    if p.n_classes == 3 and p.train.ab_aux:
+    if p.ab_aux:
         # The network has 4 output channels (A and B merged only at its output): bench it as such,
         # so that the toy-training check trains and scores the same channels.
         return dataclasses.replace(p.train, ab_aux=False), 4

@@ -148,6 +148,11 @@ class Params:
     def n_classes(self) -> int:
         return 3 if self.combine_label else 4
 
+    @property
+    def ab_aux(self) -> bool:
+        """Combined labels trained through a 4-class network with A/B as an auxiliary task."""
+        return self.combine_label and self.train.ab_aux
+
     def flat(self) -> dict[str, Any]:
         """All parameters as one flat `section.key -> value` map (for MLflow)."""
         return flatten(dataclasses.asdict(self))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from chromoseg.config import TrainConfig
+from chromoseg.losses import merge_ab_logits
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ class MergeAB(torch.nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from chromoseg.losses import merge_ab_logits
-
         logits4 = self.net(x)
         return logits4 if self.training else merge_ab_logits(logits4)
 

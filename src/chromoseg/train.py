@@ -170,7 +170,7 @@ class BatchSampler:
                 ys.append(out["mask"])
             x = np.stack(xs)
             y = canonical_ab(np.stack(ys), self.params.prepare.ab_order)
-            if self.params.combine_label and not self.cfg.ab_aux:  # ab_aux: the loss combines them
+            if self.params.combine_label and not self.params.ab_aux:  # ab_aux: the loss combines them
                 y = combine_labels(y)
             x, _ = pad_to_multiple(x, self.multiple)
             y, _ = pad_to_multiple(y, self.multiple)
@@ -292,10 +292,10 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     sampler = BatchSampler(tr["images"], tr["labels4"], params)
 
     model = prepare_module(build_model(cfg, params.n_classes), plan)
-    weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
-    if params.combine_label and cfg.ab_aux:
+    if params.ab_aux:
         criterion = AuxABLoss(cfg.loss, cfg.class_weights_combined, cfg.class_weights_4).to(plan.device)
     else:
+        weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
         criterion = SegLoss(cfg.loss, weights, permutation_invariant=cfg.pi_loss).to(plan.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, params)
