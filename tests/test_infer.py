@@ -227,3 +227,37 @@ def test_ab_aux_model_is_4_class_in_training_and_3_class_outside() -> None:
     assert eager.shape == (2, 3, 37, 50)
     onnx = Predictor(net, cfg, 3, FP32, backend="onnx").predict_logits(images)
     np.testing.assert_allclose(onnx, eager, atol=1e-4)
+
+
+def test_ab_head_splits_the_chromosome_pixels_of_its_own_labels() -> None:
+    """A combined model with the A/B head: `predict_segmentation` returns the merged labels and the
+    head's A/B split of them (A where the A logit wins), on every backend; plain combined models have
+    no split (geometry separates them) and 4-class models are their own split."""
+    from dataclasses import replace
+
+    from chromoseg.labels import combine_labels
+
+    cfg = replace(TINY, ab_aux=True)
+    torch.manual_seed(4)
+    net = build_model(cfg, 3).eval()
+    last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():  # an untrained net: favour A and B so that both are predicted
+        last.bias[1:3] += 1.0
+    images = np.random.default_rng(8).random((3, 40, 44), dtype=np.float32)
+    pred = Predictor(net, cfg, 3, FP32, backend="torch")
+    assert pred.ab_head and pred.separation == "ab_head"
+    labels, labels4 = pred.predict_segmentation(images)
+    np.testing.assert_array_equal(labels, pred.predict_labels(images))
+    np.testing.assert_array_equal(combine_labels(labels4), labels)
+    raw = Predictor(net.net, cfg, 4, FP32, backend="torch").predict_logits(images)
+    chrom = labels == 1
+    assert chrom.sum() > 100 and (labels4[chrom] == 1).any() and (labels4[chrom] == 2).any()
+    np.testing.assert_array_equal(labels4[chrom] == 1, (raw[:, 1] >= raw[:, 2])[chrom])
+    onnx = Predictor(net, cfg, 3, FP32, backend="onnx").predict_segmentation(images)
+    assert (onnx[1] != labels4).mean() < 1e-3  # fp32 rounding may flip a tie-close pixel
+
+    plain = Predictor(build_model(TINY, 3).eval(), TINY, 3, FP32, backend="torch")
+    assert plain.predict_segmentation(images)[1] is None and plain.separation == "geometry"
+    four = Predictor(build_model(TINY, 4).eval(), TINY, 4, FP32, backend="torch", ab_order="area")
+    lab, lab4 = four.predict_segmentation(images)
+    np.testing.assert_array_equal(lab, lab4)

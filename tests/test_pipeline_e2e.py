@@ -40,6 +40,10 @@ def project(tmp_path_factory):
     return proj, env, out
 
 
+def params_of(proj) -> dict:
+    return yaml.safe_load((proj / "params.yaml").read_text())
+
+
 def test_repro_runs_all_stages_and_writes_metrics(project):
     proj, _, out = project
     for stage in ("prepare", "train", "evaluate", "register"):
@@ -51,6 +55,8 @@ def test_repro_runs_all_stages_and_writes_metrics(project):
     assert sorted(ev["dice_per_class"]) == ["background", "chromosome", "overlap"]
     assert sorted(ev["iou_per_class"]) == ["background", "chromosome", "overlap"]
     assert "iou_chromosomes_pi" in ev
+    # The default trains the A/B head, and its split gives the chromosome masks.
+    assert params_of(proj)["train"]["ab_aux"] is True and ev["separation"] == "ab_head"
     assert (proj / "plots/eval/predictions.png").is_file()
     assert (proj / "plots/train_history.csv").read_text().startswith("epoch,train_loss,val_dice")
 

@@ -184,3 +184,20 @@ def test_four_class_speck_goes_to_the_surrounding_chromosome() -> None:
     assert (out[8:10, 23:25] == 1).all()
     assert ((out == 3) == (a & b)).all()  # the true overlap stays
     assert lab4[8, 23] == 3  # the input is not modified
+
+
+def test_postprocess_uses_the_model_split_and_cleans_it_like_the_combined_labels() -> None:
+    from chromoseg.serving import postprocess
+
+    a, b = bar(4, 44, 21, 27), bar(20, 26, 4, 44)
+    lab4 = instances_to_labels4(a, b)
+    lab4[8:10, 23:25] = 3  # a speck of "overlap" inside A only
+    lab3 = combine_labels(lab4)
+    out = postprocess(lab3[None], True, labels4=lab4[None])
+    # The label map is what cleaning the combined labels gives; the masks are the model's split.
+    np.testing.assert_array_equal(out["labels"], drop_small_overlaps(lab3[None], combine_label=True))
+    assert (out["mask_a"][0] == a).all() and (out["mask_b"][0] == b).all()
+    assert (out["overlap"][0] == (a & b)).all()
+    # Without a split from the model, geometry separates the same label map.
+    geo = postprocess(lab3[None], True)
+    np.testing.assert_array_equal(geo["labels"], out["labels"])

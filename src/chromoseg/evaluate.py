@@ -35,8 +35,10 @@ def score(
     truth4: np.ndarray,
     combine_label: bool,
     pred4: np.ndarray | None = None,
+    separation: str = "geometry",
 ) -> tuple[dict, np.ndarray]:
-    """Metrics for predicted labels; `pred4` (4-class from instances) adds the PI chromosome scores.
+    """Metrics for predicted labels; `pred4` (4-class from instances) adds the PI chromosome scores,
+    recorded as found by `separation` (`geometry` or the model's `ab_head`).
 
     Returns (metrics dict, per-image confusions in the model's label space).
     """
@@ -49,16 +51,15 @@ def score(
         sep.update(truth4, pred4)
         pi = permutation_invariant(sep.per_image)
         out.update({k: v for k, v in pi.items() if k.startswith("iou_chromosome")})
-        out["separation"] = "geometry"
+        out["separation"] = separation
     return out, conf
 
 
 def predict_split(predictor, images: np.ndarray, combine_label: bool) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) uint8 -> (labels in the model's space, 4-class labels from the instance masks)."""
-    from chromoseg.serving import postprocess
+    from chromoseg.serving import segment
 
-    x = images.astype(np.float32) / 255.0
-    out = postprocess(predictor.predict_labels(x), combine_label, x)
+    out = segment(predictor, images.astype(np.float32) / 255.0, combine_label)
     return out["labels"], instances_to_labels4(out["mask_a"], out["mask_b"])
 
 
@@ -80,7 +81,9 @@ def run_evaluate(params: Params) -> dict:
             f"{params.combine_label}; run `dvc repro` to retrain"
         )
     labels, labels4 = predict_split(predictor, test["images"], params.combine_label)
-    metrics, conf = score(labels, test["labels"], test["labels4"], params.combine_label, labels4)
+    metrics, conf = score(
+        labels, test["labels"], test["labels4"], params.combine_label, labels4, predictor.separation
+    )
     write_json(cfg.out, metrics)
     plots = Path(cfg.plots_dir)
     write_plots(plots, metrics, conf, test, labels, params, n=cfg.n_overlays)
@@ -226,19 +229,18 @@ def log_to_mlflow(params: Params, metrics: dict, plots: Path, execution: dict[st
 def load_any_model(model: str):
     """A pyfunc from an MLflow URI (`models:/name@alias`, `runs:/...`, a model folder) or a `model.pt`.
 
-    Returns (predict function (N, H, W) uint8 -> output dict, combine_label, ab_order).
+    Returns (predict function (N, H, W) uint8 -> output dict, combine_label, ab_order, separation).
     """
     p = Path(model)
     if p.suffix == ".pt" and p.is_file():
-        from chromoseg.serving import postprocess, predictor_from_checkpoint
+        from chromoseg.serving import predictor_from_checkpoint, segment
 
         predictor, ck = predictor_from_checkpoint(p)
 
         def predict(images: np.ndarray) -> dict:
-            x = images.astype(np.float32) / 255.0
-            return postprocess(predictor.predict_labels(x), bool(ck["combine_label"]), x)
+            return segment(predictor, images.astype(np.float32) / 255.0, bool(ck["combine_label"]))
 
-        return predict, bool(ck["combine_label"]), ck.get("ab_order", "area")
+        return predict, bool(ck["combine_label"]), ck.get("ab_order", "area"), predictor.separation
     import mlflow
 
     from chromoseg.config import load_params
@@ -255,7 +257,8 @@ def load_any_model(model: str):
             f"{mlflow.get_tracking_uri()}), a runs:/ URI, or a models/model.pt file"
         ) from exc
     inner = pyfunc.unwrap_python_model()
-    return pyfunc.predict, bool(inner.combine_label), getattr(inner, "ab_order", "area")
+    separation = getattr(getattr(inner, "predictor", None), "separation", "geometry")
+    return pyfunc.predict, bool(inner.combine_label), getattr(inner, "ab_order", "area"), separation
 
 
 def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) -> dict:
@@ -264,13 +267,13 @@ def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) 
     from chromoseg.labels import canonical_ab, combine_labels
 
     images, truth4, scales, names = load_labelme_dir(labelme_dir)
-    predict, combine_label, ab_order = load_any_model(model)
+    predict, combine_label, ab_order, separation = load_any_model(model)
     truth4 = canonical_ab(truth4, ab_order)
     res = predict(images)
     pred4 = instances_to_labels4(np.asarray(res["mask_a"]), np.asarray(res["mask_b"]))
     labels = np.asarray(res["labels"], np.uint8)
     truth = combine_labels(truth4) if combine_label else truth4
-    metrics, _ = score(labels, truth, truth4, combine_label, pred4)
+    metrics, _ = score(labels, truth, truth4, combine_label, pred4, separation)
     metrics.update(
         {
             "source": str(labelme_dir),

@@ -25,7 +25,16 @@ import torch
 
 from chromoseg.config import TrainConfig
 from chromoseg.labels import canonical_ab
-from chromoseg.model import ExecPlan, build_model, exec_plan, input_multiple, prepare_module, to_input
+from chromoseg.losses import merge_ab_logits
+from chromoseg.model import (
+    ExecPlan,
+    MergeAB,
+    build_model,
+    exec_plan,
+    input_multiple,
+    prepare_module,
+    to_input,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,10 @@ class Predictor:
     Built from a state_dict (or a module), the `TrainConfig` it was trained with and the number of
     classes. Calls from several threads are serialised per batch: the network already uses all
     intra-op threads, so running two forwards at once would only oversubscribe the cores.
+
+    A combined model with the A/B head (`model.MergeAB`, `train.ab_aux`) runs its 4-class network on
+    every backend; the logits are merged to 3 classes here, and `predict_segmentation` also returns
+    the head's A/B split of the chromosome pixels (`ab_head` is then True).
     """
 
     def __init__(
@@ -108,18 +121,22 @@ class Predictor:
         self.n_classes = n_classes
         self.plan = plan if plan is not None else exec_plan(cfg.precision, cfg.channels_last)
         self.batch_size = batch_size
-        # 4 classes: predicted A/B are put in the order the training labels followed (A = larger),
-        # so that a network trained with the permutation-invariant loss answers in that order too.
-        self.ab_order = ab_order if n_classes == 4 else "none"
-        # Sizes are bucketed to a multiple of 32 (and of 2**depth) so that backends that specialise
-        # on shape (compile, oneDNN primitive caches) see few distinct sizes.
-        self.multiple = math.lcm(input_multiple(cfg), max(1, bucket))
         if isinstance(model, torch.nn.Module):
             net = model
         else:
             net = build_model(cfg, n_classes)
             net.load_state_dict(clean_state_dict(model))
         net.eval()
+        self.ab_head = isinstance(net, MergeAB)
+        if self.ab_head:
+            net = net.net  # the 4-class network; merged in `_predict`, so every backend sees A and B
+        # 4 classes (or the A/B head): predicted A/B are put in the order the training labels
+        # followed (A = larger), so that a network trained with the permutation-invariant loss
+        # answers in that order too.
+        self.ab_order = ab_order if n_classes == 4 or self.ab_head else "none"
+        # Sizes are bucketed to a multiple of 32 (and of 2**depth) so that backends that specialise
+        # on shape (compile, oneDNN primitive caches) see few distinct sizes.
+        self.multiple = math.lcm(input_multiple(cfg), max(1, bucket))
         self.backend = choose_backend(self.plan) if backend == "auto" else backend
         if self.backend == "onnx" and self.plan.device != "cpu":
             raise ValueError("backend 'onnx' runs on CPU only; use backend 'torch' on a GPU")
@@ -140,27 +157,59 @@ class Predictor:
     def describe(self) -> dict[str, str]:
         return {**self.plan.describe(), "backend": self.backend, "batch_size": str(self.batch_size)}
 
+    @property
+    def separation(self) -> str:
+        """How a combined model's chromosomes are told apart: its A/B head, or geometry afterwards."""
+        return "ab_head" if self.ab_head else "geometry"
+
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W) float32 in [0, 1] -> (N, C, H, W) float32 logits."""
-        return self._predict(images, labels=False)
+        """(N, H, W) float32 in [0, 1] -> (N, C, H, W) float32 logits (C = `n_classes`)."""
+        return self._predict(images, "logits")[0]
 
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W) float32 in [0, 1] -> (N, H, W) uint8 class labels (argmax of the logits; with 4
         classes, A and B ordered by `ab_order`)."""
-        return canonical_ab(self._predict(images, labels=True), self.ab_order)
+        return self.predict_segmentation(images)[0]
 
-    def _predict(self, images: np.ndarray, labels: bool) -> np.ndarray:
+    def predict_segmentation(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, H, W) float32 in [0, 1] -> (labels, labels4), both (N, H, W) uint8.
+
+        `labels` are in the model's label space (as `predict_labels`); `labels4` are 4-class labels
+        (A, B ordered by `ab_order`): the labels themselves for a 4-class model, the merged labels
+        split by the A/B head for a combined model with one, None for a plain combined model (its
+        chromosomes are separated by geometry, `chromoseg.separate`).
+        """
+        labels, ab = self._predict(images, "labels")
+        if self.n_classes == 4:
+            labels = canonical_ab(labels, self.ab_order)
+            return labels, labels
+        if ab is None:
+            return labels, None
+        labels4 = np.where(labels == 1, ab, np.where(labels == 2, np.uint8(3), np.uint8(0)))
+        return labels, canonical_ab(labels4.astype(np.uint8), self.ab_order)
+
+    def _predict(self, images: np.ndarray, what: Literal["logits", "labels"]) -> tuple[np.ndarray, ...]:
+        """Logits (N, C, H, W) float32, or labels (N, H, W) uint8 plus the A/B head's choice (1 A,
+        2 B) per pixel for a model with one (else None)."""
         x = _validate_images(images)
         x = normalize_intensity(x, self.cfg.normalize)
         n, h, w = x.shape
         hp, wp = padded_size(h, w, self.multiple)
-        shape = (n, h, w) if labels else (n, self.n_classes, h, w)
-        out = np.empty(shape, dtype=np.uint8 if labels else np.float32)
+        if what == "logits":
+            out = np.empty((n, self.n_classes, h, w), dtype=np.float32)
+        else:
+            out = np.empty((n, h, w), dtype=np.uint8)
+        ab = np.empty((n, h, w), dtype=np.uint8) if self.ab_head and what == "labels" else None
         for start in range(0, n, self.batch_size):
             chunk, (top, left) = pad_center(x[start : start + self.batch_size], hp, wp)
             logits = self._forward(chunk)[:, :, top : top + h, left : left + w]
-            out[start : start + len(chunk)] = logits.argmax(axis=1) if labels else logits
-        return out
+            stop = start + len(chunk)
+            if self.ab_head:
+                if ab is not None:
+                    ab[start:stop] = np.where(logits[:, 1] >= logits[:, 2], 1, 2)
+                logits = merge_ab_logits(torch.from_numpy(np.ascontiguousarray(logits))).numpy()
+            out[start:stop] = logits if what == "logits" else logits.argmax(axis=1)
+        return out, ab
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """(B, Hp, Wp) float32 -> (B, C, Hp, Wp) float32 logits on the host."""

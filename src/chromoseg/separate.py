@@ -1,5 +1,9 @@
 """Instance separation for combined labels (0 bg, 1 chromosome, 2 overlap) -> chromosomes A and B.
 
+Used for combined models without the A/B head; a model trained with `train.ab_aux` (the default)
+splits its chromosome pixels itself (`infer.Predictor.predict_segmentation`), which measured better
+(BENCHMARKS.md, E10).
+
 Geometry: removing the overlap from the chromosome mask leaves the "arms" of the two chromosomes.
 The overlap alone does not cut them apart: where two outlines cross, "A only" and "B only" pixels
 touch at the corners of the overlap, so the overlap is grown by 1-3 px until the arms fall apart.

@@ -222,20 +222,30 @@ def to_float_images(x: Any, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def postprocess(labels: np.ndarray, combine_label: bool, images: np.ndarray | None = None) -> dict:
+def postprocess(
+    labels: np.ndarray,
+    combine_label: bool,
+    images: np.ndarray | None = None,
+    labels4: np.ndarray | None = None,
+) -> dict:
     """(N, H, W) label maps -> dict of label map and instance masks (A, B include the overlap), uint8.
 
+    Combined labels are split into chromosomes A and B by `labels4` when the model gives them (its
+    A/B head, `Predictor.predict_segmentation`), else by geometry (`separate.separate_instances`).
     Overlap specks too small to be a crossing are relabelled first (`separate.drop_small_overlaps`),
     so the returned label map is the cleaned one.
     """
-    from chromoseg.labels import labels_to_instances
+    from chromoseg.labels import combine_labels, labels_to_instances
     from chromoseg.separate import drop_small_overlaps, separate_instances
 
-    labels = drop_small_overlaps(labels, combine_label)
-    if combine_label:
-        labels4 = separate_instances(labels, images)
+    if combine_label and labels4 is not None:
+        # Specks go to the nearer of A and B, then A and B are merged back: the same label map as
+        # cleaning the combined labels (the specks and widths are measured on the same masks).
+        labels4 = drop_small_overlaps(labels4, combine_label=False)
+        labels = combine_labels(labels4)
     else:
-        labels4 = labels
+        labels = drop_small_overlaps(labels, combine_label)
+        labels4 = separate_instances(labels, images) if combine_label else labels
     a, b, ov = labels_to_instances(labels4)
     return {
         "labels": labels.astype(np.uint8),
@@ -245,18 +255,23 @@ def postprocess(labels: np.ndarray, combine_label: bool, images: np.ndarray | No
     }
 
 
+def segment(predictor, images: np.ndarray, combine_label: bool) -> dict:
+    """(N, H, W) float32 images of one size -> `postprocess` output, through the model's own A/B split
+    where it has one."""
+    labels, labels4 = predictor.predict_segmentation(images)
+    return postprocess(labels, combine_label, images, labels4)
+
+
 def predict_images(predictor, images: list[np.ndarray], combine_label: bool) -> dict:
     """Run images of any sizes: grouped by size, one batched call per group, results in input order."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
         groups.setdefault(im.shape, []).append(i)
     if len(groups) == 1:
-        x = np.stack(images)
-        return postprocess(predictor.predict_labels(x), combine_label, x)
+        return segment(predictor, np.stack(images), combine_label)
     out: dict[str, list] = {k: [None] * len(images) for k in OUTPUT_KEYS}
     for idx in groups.values():
-        x = np.stack([images[i] for i in idx])
-        res = postprocess(predictor.predict_labels(x), combine_label, x)
+        res = segment(predictor, np.stack([images[i] for i in idx]), combine_label)
         for k in OUTPUT_KEYS:
             for j, i in enumerate(idx):
                 out[k][i] = res[k][j]
