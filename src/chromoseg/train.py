@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
+# Validation metric that picks the saved epoch, by number of classes.
+SELECT_BY = {3: "dice", 4: "dice_pi"}
 
 
 class TrainingInterruptedError(RuntimeError):
@@ -362,9 +364,11 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         }
         history.append(row)
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        if val["dice"] > best["dice"]:
+        # 4 classes: the best epoch by the permutation-invariant dice, so that the saved model does
+        # not depend on how A and B are named (`prepare.ab_order`); combined: Ghosh's dice.
+        if val[SELECT_BY[params.n_classes]] > best["dice"]:
             best = {
-                "dice": val["dice"],
+                "dice": val[SELECT_BY[params.n_classes]],
                 "epoch": epoch,
                 "state": {k: v.detach().cpu().clone() for k, v in ema.target(net).state_dict().items()},
             }
@@ -413,6 +417,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     summary = {
         "best_epoch": best["epoch"],
         "best_val_dice": best["dice"],
+        "selected_by": SELECT_BY[params.n_classes],
         "final_train_loss": history[-1]["train_loss"],
         "epochs": cfg.epochs,
         "train_seconds": round(time.perf_counter() - t_start, 1),
@@ -427,8 +432,9 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         log.warning("%s arrived while writing outputs; they were completed", stop.signum)
     ckpt_path.unlink(missing_ok=True)
     log.info(
-        "best val dice %.4f at epoch %d; model %s", best["dice"], best["epoch"] + 1, model_info.model_uri
-    )
+        "best val %s %.4f at epoch %d; model %s",
+        SELECT_BY[params.n_classes], best["dice"], best["epoch"] + 1, model_info.model_uri,
+    )  # fmt: skip
     return summary
 
 
