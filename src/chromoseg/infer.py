@@ -188,7 +188,9 @@ class Predictor:
         labels4 = np.where(labels == 1, ab, np.where(labels == 2, np.uint8(3), np.uint8(0)))
         return labels, canonical_ab(labels4.astype(np.uint8), self.ab_order)
 
-    def _predict(self, images: np.ndarray, what: Literal["logits", "labels"]) -> tuple[np.ndarray, ...]:
+    def _predict(
+        self, images: np.ndarray, what: Literal["logits", "labels"]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (N, C, H, W) float32, or labels (N, H, W) uint8 plus the A/B head's choice (1 A,
         2 B) per pixel for a model with one (else None)."""
         x = _validate_images(images)

@@ -308,6 +308,7 @@ class ChromosegModel(_Base):
     def load_context(self, context) -> None:
         self.predictor, ck = predictor_from_checkpoint(context.artifacts[MODEL_ARTIFACT])
         self.combine_label = bool(ck["combine_label"])
+        self.ab_order = ck.get("ab_order", "area")  # how the training labels named A and B
         self.max_side = resolve_max_side(getattr(context, "model_config", None))
         log.info(
             "chromoseg model loaded: combine_label=%s, max_side=%d, %s",
