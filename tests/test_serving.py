@@ -76,6 +76,12 @@ def test_load_context_reads_checkpoint_and_model_config(tmp_path: Path, monkeypa
     m = ChromosegModel()
     m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={"max_side": 300}))
     assert (m.combine_label, m.max_side, m.predictor.n_classes) == (False, 300, 4)
+    assert m.ab_order == "area"  # checkpoints from before the rule was recorded named A the larger
+    # evaluate-external names the truth's A and B by the model's rule, as the model names its output.
+    state = torch.load(ck, weights_only=False)
+    torch.save({**state, "ab_order": "position"}, ck)
+    m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={}))
+    assert m.ab_order == m.predictor.ab_order == "position"
 
 
 def images(n: int, h: int = 88, w: int = 88, seed: int = 0) -> np.ndarray:
