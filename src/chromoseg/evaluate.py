@@ -233,14 +233,14 @@ def load_any_model(model: str):
     """
     p = Path(model)
     if p.suffix == ".pt" and p.is_file():
-        from chromoseg.serving import predictor_from_checkpoint, segment
+        from chromoseg.serving import checkpoint_ab_order, predictor_from_checkpoint, segment
 
         predictor, ck = predictor_from_checkpoint(p)
 
         def predict(images: np.ndarray) -> dict:
             return segment(predictor, images.astype(np.float32) / 255.0, bool(ck["combine_label"]))
 
-        return predict, bool(ck["combine_label"]), ck.get("ab_order", "area"), predictor.separation
+        return predict, bool(ck["combine_label"]), checkpoint_ab_order(ck), predictor.separation
     import mlflow
 
     from chromoseg.config import load_params

@@ -130,9 +130,9 @@ class Predictor:
         self.ab_head = isinstance(net, MergeAB)
         if self.ab_head:
             net = net.net  # the 4-class network; merged in `_predict`, so every backend sees A and B
-        # 4 classes (or the A/B head): predicted A/B are put in the order the training labels
-        # followed (A = larger), so that a network trained with the permutation-invariant loss
-        # answers in that order too.
+        # 4 classes (or the A/B head): predicted A/B are named by the rule the training labels
+        # followed (`prepare.ab_order`), so that a network trained with the permutation-invariant
+        # loss answers in that order too.
         self.ab_order = ab_order if n_classes == 4 or self.ab_head else "none"
         # Sizes are bucketed to a multiple of 32 (and of 2**depth) so that backends that specialise
         # on shape (compile, oneDNN primitive caches) see few distinct sizes.

@@ -53,6 +53,12 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def checkpoint_ab_order(ck: dict) -> str:
+    """How the checkpoint's training labels named A and B; checkpoints from before the rule was
+    recorded named A the larger chromosome."""
+    return ck.get("ab_order", "area")
+
+
 def predictor_from_checkpoint(path: str | Path, precision: str | None = None, backend: str = "auto"):
     """Build an `infer.Predictor` from a `models/model.pt` checkpoint."""
     from chromoseg.config import TrainConfig, _build
@@ -308,7 +314,7 @@ class ChromosegModel(_Base):
     def load_context(self, context) -> None:
         self.predictor, ck = predictor_from_checkpoint(context.artifacts[MODEL_ARTIFACT])
         self.combine_label = bool(ck["combine_label"])
-        self.ab_order = ck.get("ab_order", "area")  # how the training labels named A and B
+        self.ab_order = checkpoint_ab_order(ck)
         self.max_side = resolve_max_side(getattr(context, "model_config", None))
         log.info(
             "chromoseg model loaded: combine_label=%s, max_side=%d, %s",

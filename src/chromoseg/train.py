@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
-# Validation metric that picks the saved epoch, by number of classes.
+# Validation metric that picks the saved epoch, by number of classes. 4 classes: the permutation-
+# invariant dice, so that the saved model does not depend on how A and B are named
+# (`prepare.ab_order`); combined: Ghosh's dice.
 SELECT_BY = {3: "dice", 4: "dice_pi"}
 
 
@@ -339,6 +341,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         )
 
     val_x, val_labels = va["images"].astype(np.float32) / 255.0, va["labels"]
+    select_by = SELECT_BY[params.n_classes]
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -364,11 +367,9 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         }
         history.append(row)
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        # 4 classes: the best epoch by the permutation-invariant dice, so that the saved model does
-        # not depend on how A and B are named (`prepare.ab_order`); combined: Ghosh's dice.
-        if val[SELECT_BY[params.n_classes]] > best["dice"]:
+        if val[select_by] > best["dice"]:
             best = {
-                "dice": val[SELECT_BY[params.n_classes]],
+                "dice": val[select_by],
                 "epoch": epoch,
                 "state": {k: v.detach().cpu().clone() for k, v in ema.target(net).state_dict().items()},
             }
@@ -417,7 +418,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     summary = {
         "best_epoch": best["epoch"],
         "best_val_dice": best["dice"],
-        "selected_by": SELECT_BY[params.n_classes],
+        "selected_by": select_by,
         "final_train_loss": history[-1]["train_loss"],
         "epochs": cfg.epochs,
         "train_seconds": round(time.perf_counter() - t_start, 1),
@@ -433,7 +434,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     ckpt_path.unlink(missing_ok=True)
     log.info(
         "best val %s %.4f at epoch %d; model %s",
-        SELECT_BY[params.n_classes], best["dice"], best["epoch"] + 1, model_info.model_uri,
+        select_by, best["dice"], best["epoch"] + 1, model_info.model_uri,
     )  # fmt: skip
     return summary
 
