@@ -203,6 +203,38 @@ def test_full_res_branch_model_runs_and_round_trips() -> None:
         build_model(replace(cfg, arch="FPN"), 3)
 
 
+def test_global_context_starts_as_the_plain_head_and_conditions_on_the_whole_image() -> None:
+    from dataclasses import replace
+
+    cfg = replace(TINY, full_res_channels=8)
+    ctx = replace(cfg, global_context=16)
+    torch.manual_seed(3)
+    plain = build_model(cfg, 3).eval()
+    net = build_model(ctx, 3).eval()
+    # Same weights everywhere but the (zero-initialised) conditioning MLP: the same output.
+    missing = net.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("context.") for k in missing)
+    images = np.random.default_rng(6).random((2, 40, 40), dtype=np.float32)
+    base = Predictor(plain, cfg, 3, FP32, backend="torch").predict_logits(images)
+    np.testing.assert_allclose(
+        Predictor(net, ctx, 3, FP32, backend="torch").predict_logits(images), base, atol=1e-5
+    )
+    # Once trained (here: perturbed), a pixel's logits depend on content far outside its receptive
+    # field: a bright spot in one corner changes the logits in the opposite corner.
+    with torch.no_grad():
+        net.context[2].weight.normal_(0.0, 0.5)
+    far = images.copy()
+    far[:, :6, :6] = 1.0
+    a = Predictor(net, ctx, 3, FP32, backend="torch").predict_logits(images)
+    b = Predictor(net, ctx, 3, FP32, backend="torch").predict_logits(far)
+    assert np.abs(a[:, :, -4:, -4:] - b[:, :, -4:, -4:]).max() > 1e-3
+    # The ONNX export (the fp32 CPU backend) gives the same logits.
+    onnx = Predictor(net, ctx, 3, FP32, backend="onnx").predict_logits(images)
+    np.testing.assert_allclose(onnx, a, atol=1e-4)
+    with pytest.raises(ValueError, match="full_res_channels"):
+        build_model(replace(TINY, global_context=16), 3)
+
+
 def test_ab_aux_model_is_4_class_in_training_and_3_class_outside() -> None:
     from dataclasses import replace
 
@@ -261,3 +293,39 @@ def test_ab_head_splits_the_chromosome_pixels_of_its_own_labels() -> None:
     four = Predictor(build_model(TINY, 4).eval(), TINY, 4, FP32, backend="torch", ab_order="area")
     lab, lab4 = four.predict_segmentation(images)
     np.testing.assert_array_equal(lab, lab4)
+
+
+def test_tta_is_off_by_default_and_commutes_with_rotation(model: torch.nn.Module) -> None:
+    images = np.random.default_rng(7).random((2, 30, 70), dtype=np.float32)  # padded to 32 x 96
+    plain = Predictor(model, TINY, 3, FP32, backend="torch")
+    assert plain.tta is False and plain.describe()["tta"] == "False"
+    tta = Predictor(model, TINY, 3, FP32, backend="torch", tta=True)
+    a = tta.predict_logits(images)
+    # The average over all 8 views does not depend on how the input was turned.
+    turned = tta.predict_logits(np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2))))
+    np.testing.assert_allclose(turned, np.rot90(a, 1, axes=(2, 3)), atol=1e-5)
+    # It is not the plain prediction (a random network is far from rotation-invariant).
+    assert np.abs(np.exp(a) - torch.from_numpy(plain.predict_logits(images)).softmax(1).numpy()).max() > 1e-3
+
+
+def test_tta_aligns_chromosome_a_and_b_of_every_view() -> None:
+    cfg = TINY
+    pred = Predictor(build_model(cfg, 4), cfg, 4, FP32, backend="torch", tta=True)
+    calls = []
+
+    def pointwise(batch: np.ndarray, swap: bool) -> np.ndarray:
+        # A per-pixel "network": A bright, B dark; every other view names them the other way round.
+        x = batch[:, None]
+        logits = np.concatenate([0 * x, 8 * x, 8 * (1 - x), 0 * x + 1], axis=1).astype(np.float32)
+        calls.append(1)
+        return logits[:, [0, 2, 1, 3]] if swap and len(calls) % 2 == 0 else logits
+
+    images = np.random.default_rng(8).random((3, 32, 32), dtype=np.float32)
+    pred._forward = lambda b: pointwise(b, swap=False)
+    straight = pred.predict_logits(images)
+    pred._forward = lambda b: pointwise(b, swap=True)
+    swapped = pred.predict_logits(images)
+    assert len(calls) == 16  # 8 views, twice
+    np.testing.assert_allclose(swapped, straight, atol=1e-6)
+    expected = torch.from_numpy(pointwise(images, swap=False)).log_softmax(1).numpy()
+    np.testing.assert_allclose(straight, expected, atol=1e-5)

@@ -31,6 +31,7 @@ from chromoseg.serving import (
     InputError,
     decode_png,
     resolve_max_side,
+    resolve_tta,
     split_images,
     to_float_images,
 )
@@ -205,6 +206,18 @@ def test_max_side_from_env_and_model_config(monkeypatch) -> None:
     monkeypatch.setenv("CHROMOSEG_MAX_SIDE", "big")
     with pytest.raises(ValueError, match="CHROMOSEG_MAX_SIDE"):
         resolve_max_side(None)
+
+
+def test_tta_from_env_model_config_or_checkpoint(monkeypatch) -> None:
+    monkeypatch.delenv("CHROMOSEG_TTA", raising=False)
+    assert resolve_tta(True, None) is True
+    assert resolve_tta(False, None) is False
+    assert resolve_tta(True, {"tta": False}) is False
+    monkeypatch.setenv("CHROMOSEG_TTA", "1")
+    assert resolve_tta(False, {"tta": False}) is True
+    monkeypatch.setenv("CHROMOSEG_TTA", "yes please")
+    with pytest.raises(ValueError, match="CHROMOSEG_TTA"):
+        resolve_tta(True, None)
 
 
 # ------------------------------------------------------------------------------------- unit: predict

@@ -80,6 +80,9 @@ class TrainConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     # Channels of a full-resolution (stride-1) branch fused before the classifier; 0: plain smp model.
     full_res_channels: int = 0
+    # Hidden units of the image-level conditioning of the full-resolution head (pooled deepest
+    # features scale and shift the head's features, see model.FullResUnet); 0: off.
+    global_context: int = 0
     epochs: int = 40
     samples_per_epoch: int = 1000
     batch_size: int = 10
@@ -105,6 +108,10 @@ class TrainConfig:
     # "foreground": each image is scaled so its median chromosome grey is 0.5 (train and inference);
     # "none": grey / 255 as is. Default "none" so that older checkpoints keep their behaviour.
     normalize: Literal["none", "foreground", "single"] = "none"
+    # Test-time augmentation wherever the trained model predicts (evaluation, evaluate-external,
+    # serving, predict): softmax averaged over the 8 flips and 90-degree rotations, 8x the compute.
+    # Validation during training does without it. Off for checkpoints from before the key existed.
+    tta: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     num_threads: int = 0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from chromoseg.config import TrainConfig
-from chromoseg.labels import canonical_ab
+from chromoseg.labels import SWAP_AB, canonical_ab
 from chromoseg.losses import merge_ab_logits
 from chromoseg.model import (
     ExecPlan,
@@ -112,6 +112,7 @@ class Predictor:
         batch_size: int = 64,
         bucket: int = 32,
         ab_order: str = "none",
+        tta: bool | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
@@ -121,6 +122,9 @@ class Predictor:
         self.n_classes = n_classes
         self.plan = plan if plan is not None else exec_plan(cfg.precision, cfg.channels_last)
         self.batch_size = batch_size
+        # Test-time augmentation (`train.tta` unless given): the softmax averaged over the 8 flips
+        # and 90-degree rotations, which map the pixel grid onto itself exactly.
+        self.tta = cfg.tta if tta is None else tta
         if isinstance(model, torch.nn.Module):
             net = model
         else:
@@ -155,7 +159,12 @@ class Predictor:
         )
 
     def describe(self) -> dict[str, str]:
-        return {**self.plan.describe(), "backend": self.backend, "batch_size": str(self.batch_size)}
+        return {
+            **self.plan.describe(),
+            "backend": self.backend,
+            "batch_size": str(self.batch_size),
+            "tta": str(self.tta),
+        }
 
     @property
     def separation(self) -> str:
@@ -204,7 +213,8 @@ class Predictor:
         ab = np.empty((n, h, w), dtype=np.uint8) if self.ab_head and what == "labels" else None
         for start in range(0, n, self.batch_size):
             chunk, (top, left) = pad_center(x[start : start + self.batch_size], hp, wp)
-            logits = self._forward(chunk)[:, :, top : top + h, left : left + w]
+            fwd = self._forward_views if self.tta else self._forward
+            logits = fwd(chunk)[:, :, top : top + h, left : left + w]
             stop = start + len(chunk)
             if self.ab_head:
                 if ab is not None:
@@ -212,6 +222,30 @@ class Predictor:
                 logits = merge_ab_logits(torch.from_numpy(np.ascontiguousarray(logits))).numpy()
             out[start:stop] = logits if what == "logits" else logits.argmax(axis=1)
         return out, ab
+
+    def _forward_views(self, batch: np.ndarray) -> np.ndarray:
+        """Like `_forward`, averaged over the 8 dihedral views of each image: log of the mean softmax.
+
+        With chromosome channels A and B (4-class networks) the network may name them the other way
+        round in a rotated view (the permutation-invariant loss leaves the names free), so each
+        view's A and B are first aligned, per image, with the plain view's.
+        """
+        ref = total = None
+        for k in range(4):
+            for flip in (False, True):
+                view = np.rot90(batch, k, axes=(1, 2))
+                view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
+                prob = torch.from_numpy(self._forward(view)).softmax(dim=1).numpy()
+                prob = np.rot90(prob[..., ::-1] if flip else prob, -k, axes=(2, 3))
+                if ref is None:
+                    ref, total = prob, prob.copy()
+                    continue
+                if prob.shape[1] == 4:
+                    same = (prob[:, 1] * ref[:, 1] + prob[:, 2] * ref[:, 2]).sum((1, 2))
+                    swapped = (prob[:, 1] * ref[:, 2] + prob[:, 2] * ref[:, 1]).sum((1, 2))
+                    prob = np.where((swapped > same)[:, None, None, None], prob[:, SWAP_AB], prob)
+                total += prob
+        return np.log(np.maximum(total / 8.0, 1e-12)).astype(np.float32)
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """(B, Hp, Wp) float32 -> (B, C, Hp, Wp) float32 logits on the host."""

@@ -60,7 +60,13 @@ def _build_net(cfg: TrainConfig, n_classes: int) -> torch.nn.Module:
             f"train.encoder {cfg.encoder!r} is not an smp encoder ({exc}); "
             "see segmentation_models_pytorch.encoders.get_encoder_names()"
         ) from exc
-    return FullResUnet(base, cfg.full_res_channels, n_classes) if cfg.full_res_channels else base
+    if cfg.global_context and not cfg.full_res_channels:
+        raise ValueError(
+            "train.global_context modulates the full-resolution head; set train.full_res_channels > 0"
+        )
+    if not cfg.full_res_channels:
+        return base
+    return FullResUnet(base, cfg.full_res_channels, n_classes, cfg.global_context)
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[torch.nn.Module]:
@@ -78,9 +84,15 @@ class FullResUnet(torch.nn.Module):
     features. The labels here are a fixed contour level of a blurred image, so where a pixel centre
     lies against that contour is decided by full-resolution grey values; a small stride-1 branch
     (two 3x3 convolutions of `channels`) is fused with the decoder output before the classifier.
+
+    `context` > 0 adds image-level conditioning: the deepest encoder features, pooled over the whole
+    image (mean and max), go through a small MLP of `context` hidden units that scales and shifts the
+    head's features before their ReLU. Blur, camera response and overlap absorption are shared by
+    every edge of an image, so the whole image tells where on each edge the label outline lies better
+    than a pixel's neighbourhood does. The last layer starts at zero, i.e. at the plain head.
     """
 
-    def __init__(self, base: torch.nn.Module, channels: int, n_classes: int) -> None:
+    def __init__(self, base: torch.nn.Module, channels: int, n_classes: int, context: int = 0) -> None:
         super().__init__()
         self.encoder = base.encoder
         self.decoder = base.decoder
@@ -89,10 +101,26 @@ class FullResUnet(torch.nn.Module):
         self.head = torch.nn.Sequential(
             *_conv_bn_relu(dec_out + channels, channels), torch.nn.Conv2d(channels, n_classes, 1)
         )
+        self.context = None
+        if context:
+            film = torch.nn.Linear(context, 2 * channels)
+            torch.nn.init.zeros_(film.weight)
+            torch.nn.init.zeros_(film.bias)
+            deep = 2 * base.encoder.out_channels[-1]
+            self.context = torch.nn.Sequential(
+                torch.nn.Linear(deep, context), torch.nn.ReLU(inplace=True), film
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.decoder(self.encoder(x))
-        return self.head(torch.cat([d, self.stem(x)], dim=1))
+        feats = self.encoder(x)
+        h = torch.cat([self.decoder(feats), self.stem(x)], dim=1)
+        if self.context is None:
+            return self.head(h)
+        deep = feats[-1]
+        scale, shift = self.context(torch.cat([deep.mean((2, 3)), deep.amax((2, 3))], 1)).chunk(2, dim=1)
+        h = self.head[1](self.head[0](h))  # conv + batch norm; then the image's scale and shift
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return self.head[3](self.head[2](h))
 
 
 class MergeAB(torch.nn.Module):

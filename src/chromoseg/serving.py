@@ -9,7 +9,9 @@ Input (any of):
 - ``{"images": ...}`` holding any of the above.
 
 Each side must be 8..``max_side`` px (default 2048; ``CHROMOSEG_MAX_SIDE`` env var or
-``model_config={"max_side": ...}``), at most 64 Mpx per request. Images are grouped by size, padded to what the network needs,
+``model_config={"max_side": ...}``), at most 64 Mpx per request. Test-time augmentation follows the
+checkpoint (`train.tta`) unless ``CHROMOSEG_TTA`` (``0`` / ``1``) or ``model_config={"tta": ...}``
+says otherwise. Images are grouped by size, padded to what the network needs,
 batched, and cropped back. Output: a dict of ``labels`` (the model's label space), ``mask_a`` and
 ``mask_b`` (each chromosome including the overlap) and ``overlap``, each uint8: an (N, H, W) array
 when all images have one size, else a list of N (H_i, W_i) arrays. Through the scoring server both
@@ -39,6 +41,7 @@ OUTPUT_KEYS = ("labels", "mask_a", "mask_b", "overlap")
 MIN_SIDE = 8
 DEFAULT_MAX_SIDE = 2048
 MAX_SIDE_ENV = "CHROMOSEG_MAX_SIDE"
+TTA_ENV = "CHROMOSEG_TTA"
 # Per request: 64 Mpx (~8700 images of 88 x 88) bounds the server's memory; clients split larger batches.
 MAX_TOTAL_PIXELS = 64 * 1024 * 1024
 
@@ -308,6 +311,17 @@ def resolve_max_side(model_config: dict | None = None) -> int:
     return value
 
 
+def resolve_tta(default: bool, model_config: dict | None = None) -> bool:
+    """Test-time augmentation: env CHROMOSEG_TTA, else model_config['tta'], else the checkpoint's."""
+    raw = os.environ.get(TTA_ENV)
+    if raw is None:
+        raw = (model_config or {}).get("tta", default)
+    value = {"1": True, "true": True, "0": False, "false": False}.get(str(raw).strip().lower())
+    if value is None:
+        raise ValueError(f"{TTA_ENV}/tta must be 0 or 1 (or true / false), got {raw!r}")
+    return value
+
+
 class ChromosegModel(_Base):
     """MLflow pyfunc wrapper around `infer.Predictor` (see the module doc for input and output)."""
 
@@ -316,6 +330,7 @@ class ChromosegModel(_Base):
         self.combine_label = bool(ck["combine_label"])
         self.ab_order = checkpoint_ab_order(ck)
         self.max_side = resolve_max_side(getattr(context, "model_config", None))
+        self.predictor.tta = resolve_tta(self.predictor.tta, getattr(context, "model_config", None))
         log.info(
             "chromoseg model loaded: combine_label=%s, max_side=%d, %s",
             self.combine_label, self.max_side, self.predictor.describe(),

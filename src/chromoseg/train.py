@@ -209,7 +209,8 @@ def _fingerprint(params: Params, train_file: Path, world_size: int = 1) -> str:
         "train": asdict(params.train),
         "prepare": asdict(params.prepare),
     }
-    relevant["train"].pop("num_threads", None)
+    for key in ("num_threads", "tta"):  # how many cores, how it predicts afterwards: same weights
+        relevant["train"].pop(key, None)
     if world_size > 1:  # per-rank batch-norm statistics: not interchangeable with a 1-process run
         relevant["world_size"] = world_size
     h.update(json.dumps(relevant, sort_keys=True, default=str).encode())
@@ -352,7 +353,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         if not dist.is_main:  # other ranks: the same steps on their shards, nothing else
             continue
         pred = Predictor(
-            ema.target(net), cfg, params.n_classes, plan, backend="torch", ab_order=params.prepare.ab_order
+            ema.target(net), cfg, params.n_classes, plan, "torch", ab_order=params.prepare.ab_order, tta=False
         ).predict_labels(val_x)
         m = SegmentationMetrics(params.n_classes)
         m.update(val_labels, pred)
