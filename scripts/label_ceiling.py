@@ -19,7 +19,8 @@ pixel of outline (pixel centres are 1 px apart along the normal). Two edges:
 Each with and without the hidden rendering parameters given to the regressor as extra inputs
 (`known`): a 2-D model that infers them from the whole image sits between the two rows.
 
-    python scripts/label_ceiling.py            # about 15 min on 2 cores; prints a table
+    python scripts/label_ceiling.py            # both edges, one after the other (~15 min)
+    python scripts/label_ceiling.py overlap    # one edge (run fg/bg and overlap side by side on 2 cores)
 
 It is an estimate, not a bound: a better regressor could do a little better, and corners, tips and
 curvature (not modelled) make the 2-D problem harder.
@@ -115,10 +116,18 @@ def fit(x: np.ndarray, y: np.ndarray, seed: int) -> torch.nn.Module:
     return net
 
 
-def main() -> None:
+EDGES = ("fg/bg", "overlap")
+
+
+def main(argv: list[str]) -> int:
+    edges = argv or list(EDGES)
+    if not set(edges) <= set(EDGES):
+        print(f"edges must be among {list(EDGES)}, got {edges}", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     print("edge      parameters  mean |outline error| px (= wrong px per px of outline)")
-    for k, edge in enumerate(("fg/bg", "overlap")):
+    for edge in edges:
+        k = EDGES.index(edge)
         rng = np.random.default_rng(k)
         xtr, htr, ytr = sample(edge, N_TRAIN, rng)
         xte, hte, yte = sample(edge, N_TEST, rng)
@@ -128,7 +137,8 @@ def main() -> None:
             with torch.no_grad():
                 err = np.abs(net(torch.from_numpy(b))[:, 0].numpy() - yte)
             print(f"{edge:9} {'known' if known else 'hidden':11} {err.mean():.4f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

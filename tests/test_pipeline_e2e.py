@@ -77,11 +77,14 @@ def test_mlflow_run_and_champion(project):
     ev = json.loads((proj / "metrics/eval.json").read_text())
     assert run.data.metrics["dice"] == pytest.approx(ev["dice"])
     assert "chromoseg.promotion" in run.data.tags
+    # The default predicts with test-time augmentation, in evaluation and in the served model alike.
+    assert run.data.tags["eval.tta"] == "True"
     champ = client.get_model_version_by_alias("chromoseg-unet", "champion")
     assert str(champ.version) == "1"
     mlflow.set_registry_uri(uri)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/chromoseg-unet@champion")
+    assert model.unwrap_python_model().predictor.tta is True
     from chromoseg.prepare import load_split
 
     test = load_split(proj / "data/prepared", "test")
