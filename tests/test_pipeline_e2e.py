@@ -57,6 +57,7 @@ def test_repro_runs_all_stages_and_writes_metrics(project):
     assert "iou_chromosomes_pi" in ev
     # The default trains the A/B head, and its split gives the chromosome masks.
     assert params_of(proj)["train"]["ab_aux"] is True and ev["separation"] == "ab_head"
+    assert ev["tta"] is True  # the default predicts with test-time augmentation
     assert (proj / "plots/eval/predictions.png").is_file()
     assert (proj / "plots/train_history.csv").read_text().startswith("epoch,train_loss,val_dice")
 

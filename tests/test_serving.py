@@ -73,6 +73,7 @@ def model(request) -> ChromosegModel:
 
 def test_load_context_reads_checkpoint_and_model_config(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("CHROMOSEG_MAX_SIDE", raising=False)
+    monkeypatch.delenv("CHROMOSEG_TTA", raising=False)
     ck = tiny_checkpoint(tmp_path / "model.pt", combine_label=False)
     m = ChromosegModel()
     m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={"max_side": 300}))
@@ -83,6 +84,13 @@ def test_load_context_reads_checkpoint_and_model_config(tmp_path: Path, monkeypa
     torch.save({**state, "ab_order": "position"}, ck)
     m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={}))
     assert m.ab_order == m.predictor.ab_order == "position"
+    # Test-time augmentation follows the checkpoint's train.tta unless the model config says otherwise.
+    assert m.predictor.tta is False
+    torch.save({**state, "train": {**state["train"], "tta": True}}, ck)
+    m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={}))
+    assert m.predictor.tta is True
+    m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={"tta": False}))
+    assert m.predictor.tta is False
 
 
 def images(n: int, h: int = 88, w: int = 88, seed: int = 0) -> np.ndarray:

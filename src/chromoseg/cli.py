@@ -294,8 +294,9 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
         lines.append((label, json.loads(f.read_text())))
     ev, reg, tr = (d for _, d in lines)
     mode = "combined (3 classes)" if ev["combine_label"] else "4 classes"
+    views = ", 8-view test-time augmentation" if ev.get("tta") else ""
     out = [
-        f"chromoseg: {mode}, {ev['n_images']} test images",
+        f"chromoseg: {mode}, {ev['n_images']} test images{views}",
         f"  test dice (Ghosh 2017)      {ev['dice']:.4f}",
         f"  overlap IoU                 {ev['iou_overlap']:.4f}",
     ]

@@ -84,6 +84,7 @@ def run_evaluate(params: Params) -> dict:
     metrics, conf = score(
         labels, test["labels"], test["labels4"], params.combine_label, labels4, predictor.separation
     )
+    metrics["tta"] = predictor.tta
     write_json(cfg.out, metrics)
     plots = Path(cfg.plots_dir)
     write_plots(plots, metrics, conf, test, labels, params, n=cfg.n_overlays)
@@ -229,7 +230,8 @@ def log_to_mlflow(params: Params, metrics: dict, plots: Path, execution: dict[st
 def load_any_model(model: str):
     """A pyfunc from an MLflow URI (`models:/name@alias`, `runs:/...`, a model folder) or a `model.pt`.
 
-    Returns (predict function (N, H, W) uint8 -> output dict, combine_label, ab_order, separation).
+    Returns (predict function (N, H, W) uint8 -> output dict, combine_label, ab_order, the model's
+    `infer.Predictor` or None for a pyfunc that is not chromoseg's).
     """
     p = Path(model)
     if p.suffix == ".pt" and p.is_file():
@@ -240,7 +242,7 @@ def load_any_model(model: str):
         def predict(images: np.ndarray) -> dict:
             return segment(predictor, images.astype(np.float32) / 255.0, bool(ck["combine_label"]))
 
-        return predict, bool(ck["combine_label"]), checkpoint_ab_order(ck), predictor.separation
+        return predict, bool(ck["combine_label"]), checkpoint_ab_order(ck), predictor
     import mlflow
 
     from chromoseg.config import load_params
@@ -257,8 +259,8 @@ def load_any_model(model: str):
             f"{mlflow.get_tracking_uri()}), a runs:/ URI, or a models/model.pt file"
         ) from exc
     inner = pyfunc.unwrap_python_model()
-    separation = getattr(getattr(inner, "predictor", None), "separation", "geometry")
-    return pyfunc.predict, bool(inner.combine_label), getattr(inner, "ab_order", "area"), separation
+    predictor = getattr(inner, "predictor", None)
+    return pyfunc.predict, bool(inner.combine_label), getattr(inner, "ab_order", "area"), predictor
 
 
 def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) -> dict:
@@ -267,7 +269,8 @@ def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) 
     from chromoseg.labels import canonical_ab, combine_labels
 
     images, truth4, scales, names = load_labelme_dir(labelme_dir)
-    predict, combine_label, ab_order, separation = load_any_model(model)
+    predict, combine_label, ab_order, predictor = load_any_model(model)
+    separation = getattr(predictor, "separation", "geometry")
     truth4 = canonical_ab(truth4, ab_order)
     res = predict(images)
     pred4 = instances_to_labels4(np.asarray(res["mask_a"]), np.asarray(res["mask_b"]))
@@ -276,6 +279,7 @@ def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) 
     metrics, _ = score(labels, truth, truth4, combine_label, pred4, separation)
     metrics.update(
         {
+            "tta": getattr(predictor, "tta", False),
             "source": str(labelme_dir),
             "model": str(model),
             "images": names,
