@@ -329,3 +329,24 @@ def test_tta_aligns_chromosome_a_and_b_of_every_view() -> None:
     np.testing.assert_allclose(swapped, straight, atol=1e-6)
     expected = torch.from_numpy(pointwise(images, swap=False)).log_softmax(1).numpy()
     np.testing.assert_allclose(straight, expected, atol=1e-5)
+
+
+def test_unused_encoder_stages_are_dropped_and_old_checkpoints_still_load() -> None:
+    cfg = TrainConfig(encoder_depth=3, decoder_channels=(16, 8, 8), full_res_channels=8, ab_aux=True)
+    torch.manual_seed(0)
+    net = build_model(cfg, 3).eval()
+    keys = net.state_dict().keys()
+    assert not [k for k in keys if ".layer3." in k or ".layer4." in k]
+    assert [k for k in keys if ".layer2." in k]  # the stages depth 3 runs stay
+    # A checkpoint written before the stages were dropped still holds them: they are ignored.
+    old = dict(net.state_dict())
+    old["net.encoder.layer3.0.conv1.weight"] = torch.zeros(256, 128, 3, 3)
+    images = np.random.default_rng(1).random((2, 40, 40), dtype=np.float32)
+    ref = Predictor(net, cfg, 3, FP32, backend="torch").predict_logits(images)
+    got = Predictor(old, cfg, 3, FP32, backend="torch").predict_logits(images)
+    np.testing.assert_array_equal(got, ref)
+    # Any other unknown or missing weight is still an error.
+    bad = dict(net.state_dict())
+    bad["net.head.9.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"head\.9"):
+        Predictor(bad, cfg, 3, FP32, backend="torch")

@@ -102,7 +102,7 @@ def peak_rss_mb() -> float:
 
 
 def count_params(cfg: TrainConfig, n_classes: int) -> dict[str, int]:
-    """Total parameters, and those the forward pass actually uses (smp keeps unused deep stages)."""
+    """Total parameters, and those the forward pass actually uses (a gradient reaches them)."""
     import torch
 
     from chromoseg.model import build_model, input_multiple

@@ -103,7 +103,7 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: str) -> torch.nn.Module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.local_rank] if device.startswith("cuda") else None
-    # smp builds the whole encoder; with encoder_depth < 5 its last stages never run.
+    # Encoders other than ResNet keep stages that encoder_depth < 5 never runs (model.drop_unused_stages).
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 

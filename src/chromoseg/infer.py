@@ -32,6 +32,7 @@ from chromoseg.model import (
     build_model,
     exec_plan,
     input_multiple,
+    load_weights,
     prepare_module,
     to_input,
 )
@@ -129,7 +130,7 @@ class Predictor:
             net = model
         else:
             net = build_model(cfg, n_classes)
-            net.load_state_dict(clean_state_dict(model))
+            load_weights(net, clean_state_dict(model))
         net.eval()
         self.ab_head = isinstance(net, MergeAB)
         if self.ab_head:
