@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chromoseg.config import TrainConfig
-from chromoseg.infer import Predictor, choose_backend, clean_state_dict, pad_center, padded_size
+from chromoseg.infer import Predictor, choose_backend, clean_state_dict, decide_ab, pad_center, padded_size
 from chromoseg.model import build_model, exec_plan
 
 TINY = TrainConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
@@ -350,3 +350,21 @@ def test_unused_encoder_stages_are_dropped_and_old_checkpoints_still_load() -> N
     bad["net.head.9.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match=r"head\.9"):
         Predictor(bad, cfg, 3, FP32, backend="torch")
+
+
+def test_decide_ab_weighs_overlap_against_a_and_b_together() -> None:
+    # Probabilities (bg, A, B, overlap) for four pixels.
+    probs = np.array(
+        [
+            [0.10, 0.30, 0.25, 0.35],  # unsure which chromosome: A + B = 0.55 beats overlap, then A
+            [0.05, 0.15, 0.20, 0.60],  # overlap beats A + B
+            [0.50, 0.20, 0.15, 0.15],  # background beats A + B = 0.35
+            [0.30, 0.05, 0.40, 0.25],  # chromosome B
+        ],
+        np.float32,
+    )
+    logits = np.log(probs).T.reshape(1, 4, 1, 4)
+    labels4, choice = decide_ab(logits)
+    np.testing.assert_array_equal(labels4[0, 0], [1, 3, 0, 2])
+    np.testing.assert_array_equal(choice[0, 0], [1, 2, 1, 2])
+    assert logits.argmax(1)[0, 0, 0] == 3  # where a plain argmax differs

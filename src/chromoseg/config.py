@@ -101,9 +101,11 @@ class TrainConfig:
     # image bilinearly and the label by nearest neighbour, which moves the label up to half a pixel
     # off the image's edge; the synthetic default already varies pose and scale exactly.
     affine_p: float = 0.5
-    # Combined labels only: the network has a 4-class head (chromosome A and B, scored
+    # Combined labels: the network has a 4-class head (chromosome A and B, scored
     # permutation-invariantly) whose A and B are merged into "chromosome" for its output; telling the
     # two chromosomes apart is an auxiliary task. The output and every metric stay 3-class.
+    # 4 classes: the same network and loss (the merged bg / chromosome / overlap term beside the
+    # permutation-invariant 4-class term), the output 4-class.
     ab_aux: bool = False
     # "foreground": each image is scaled so its median chromosome grey is 0.5 (train and inference);
     # "none": grey / 255 as is. Default "none" so that older checkpoints keep their behaviour.
@@ -162,6 +164,12 @@ class Params:
     def ab_aux(self) -> bool:
         """Combined labels trained through a 4-class network with A/B as an auxiliary task."""
         return self.combine_label and self.train.ab_aux
+
+    @property
+    def merged_loss(self) -> bool:
+        """The loss scores bg / chromosome / overlap with A and B merged beside the 4-class PI term
+        (`losses.AuxABLoss`): combined labels with the A/B head, or 4 classes with `train.ab_aux`."""
+        return self.train.ab_aux
 
     def flat(self) -> dict[str, Any]:
         """All parameters as one flat `section.key -> value` map (for MLflow)."""

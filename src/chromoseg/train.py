@@ -186,6 +186,17 @@ class BatchSampler:
             )
 
 
+def make_criterion(params: Params) -> torch.nn.Module:
+    """The training loss for these params (labels: 4-class with `merged_loss`, else the model's)."""
+    cfg = params.train
+    if params.merged_loss:
+        # 4 classes too: the same network and loss as a combined model with the A/B head, which
+        # places the overlap outline better than the 4-class term alone (BENCHMARKS E18).
+        return AuxABLoss(cfg.loss, cfg.class_weights_combined, cfg.class_weights_4)
+    weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
+    return SegLoss(cfg.loss, weights, permutation_invariant=cfg.pi_loss)
+
+
 def steps_per_epoch(params: Params) -> int:
     return math.ceil(params.train.samples_per_epoch / params.train.batch_size)
 
@@ -297,11 +308,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     sampler = BatchSampler(tr["images"], tr["labels4"], params)
 
     model = prepare_module(build_model(cfg, params.n_classes), plan)
-    if params.ab_aux:
-        criterion = AuxABLoss(cfg.loss, cfg.class_weights_combined, cfg.class_weights_4).to(plan.device)
-    else:
-        weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
-        criterion = SegLoss(cfg.loss, weights, permutation_invariant=cfg.pi_loss).to(plan.device)
+    criterion = make_criterion(params).to(plan.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, params)
 
