@@ -165,12 +165,6 @@ class Params:
         """Combined labels trained through a 4-class network with A/B as an auxiliary task."""
         return self.combine_label and self.train.ab_aux
 
-    @property
-    def merged_loss(self) -> bool:
-        """The loss scores bg / chromosome / overlap with A and B merged beside the 4-class PI term
-        (`losses.AuxABLoss`): combined labels with the A/B head, or 4 classes with `train.ab_aux`."""
-        return self.train.ab_aux
-
     def flat(self) -> dict[str, Any]:
         """All parameters as one flat `section.key -> value` map (for MLflow)."""
         return flatten(dataclasses.asdict(self))

@@ -195,8 +195,7 @@ class Predictor:
             return labels, labels
         if ab is None:
             return labels, None
-        labels4 = np.where(labels == 1, ab, np.where(labels == 2, np.uint8(3), np.uint8(0)))
-        return labels, canonical_ab(labels4.astype(np.uint8), self.ab_order)
+        return labels, canonical_ab(split_ab(labels, ab), self.ab_order)
 
     def _predict(
         self, images: np.ndarray, what: Literal["logits", "labels"]
@@ -304,10 +303,13 @@ def decide_ab(logits4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     4-class model and a combined model with the A/B head label the same logits alike. On a model
     trained without the merged loss term it scores as the plain 4-class argmax (BENCHMARKS E18).
     """
-    merged = _merged(logits4).argmax(axis=1)
     choice = np.where(logits4[:, 1] >= logits4[:, 2], 1, 2).astype(np.uint8)
-    labels4 = np.where(merged == 1, choice, np.where(merged == 2, 3, 0)).astype(np.uint8)
-    return labels4, choice
+    return split_ab(_merged(logits4).argmax(axis=1), choice), choice
+
+
+def split_ab(labels3: np.ndarray, choice: np.ndarray) -> np.ndarray:
+    """Combined labels (0 bg, 1 chromosome, 2 overlap) split into 4 classes by an A/B choice (1 or 2)."""
+    return np.where(labels3 == 1, choice, np.where(labels3 == 2, 3, 0)).astype(np.uint8)
 
 
 def _validate_images(images: np.ndarray) -> np.ndarray:

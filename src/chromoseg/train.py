@@ -187,9 +187,9 @@ class BatchSampler:
 
 
 def make_criterion(params: Params) -> torch.nn.Module:
-    """The training loss for these params (labels: 4-class with `merged_loss`, else the model's)."""
+    """The training loss for these params (labels: 4-class with `train.ab_aux`, else the model's)."""
     cfg = params.train
-    if params.merged_loss:
+    if cfg.ab_aux:
         # 4 classes too: the same network and loss as a combined model with the A/B head, which
         # places the overlap outline better than the 4-class term alone (BENCHMARKS E18).
         return AuxABLoss(cfg.loss, cfg.class_weights_combined, cfg.class_weights_4)
