@@ -74,3 +74,13 @@ def test_yaml_on_off_accepted_for_switches():
     p = params_from_dict(yaml.safe_load("train: {channels_last: off}"))
     assert p.train.channels_last == "off"
     assert params_from_dict(yaml.safe_load("train: {channels_last: on}")).train.channels_last == "on"
+
+
+def test_selection_metric_by_mode():
+    assert params_from_dict({"combine_label": True}).select_by == "dice"
+    assert params_from_dict({"combine_label": True, "train": {"select_by": "dice_pi"}}).select_by == "dice"
+    assert params_from_dict({"combine_label": False}).select_by == "dice_combined"
+    four = {"combine_label": False, "train": {"select_by": "dice_pi"}}
+    assert params_from_dict(four).select_by == "dice_pi"
+    with pytest.raises(ConfigError, match=r"train.select_by: 'iou' is not one of"):
+        params_from_dict({"train": {"select_by": "iou"}})

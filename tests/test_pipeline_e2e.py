@@ -108,13 +108,29 @@ def test_second_repro_runs_nothing_and_eval_param_reruns_only_eval(project):
     assert reg["version"] == 2 and reg["champion_version_before"] == 1
 
 
+def assert_saved_best_epoch(proj, selected_by: str) -> None:
+    """metrics/train.json names the selection metric, and its epoch is the history's best."""
+    tr = json.loads((proj / "metrics/train.json").read_text())
+    assert tr["selected_by"] == selected_by
+    lines = (proj / "plots/train_history.csv").read_text().split()
+    col = lines[0].split(",").index("val_selection")
+    values = [float(line.split(",")[col]) for line in lines[1:]]
+    assert len(values) == params_of(proj)["train"]["epochs"]
+    assert tr["best_val_dice"] == pytest.approx(max(values), abs=1e-5)
+    assert values[tr["best_epoch"]] == pytest.approx(max(values), abs=1e-5)
+    assert all(v < max(values) - 1e-5 for v in values[: tr["best_epoch"]])  # the first best is kept
+
+
 def test_exp_run_four_classes(project):
     proj, env, _ = project
+    assert_saved_best_epoch(proj, "dice")
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "eval"], proj, env)
-    _run(["dvc", "exp", "run", "-S", "combine_label=false"], proj, env)
+    _run(["dvc", "exp", "run", "-S", "combine_label=false", "-S", "train.epochs=3"], proj, env)
     ev = json.loads((proj / "metrics/eval.json").read_text())
     assert ev["combine_label"] is False
+    # 4 classes select on the dice with A and B merged (train.select_by: auto).
+    assert_saved_best_epoch(proj, "dice_combined")
     assert sorted(ev["iou_per_class"]) == ["background", "chromosome_a", "chromosome_b", "overlap"]
     # Merging A and B can only turn wrong pixels right: never below the plain 4-class dice.
     assert ev["dice"] <= ev["dice_combined"] <= 1.0

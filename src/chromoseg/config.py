@@ -114,6 +114,11 @@ class TrainConfig:
     # serving, predict): softmax averaged over the 8 flips and 90-degree rotations, 8x the compute.
     # Validation during training does without it. Off for checkpoints from before the key existed.
     tta: bool = False
+    # Validation metric that picks the saved epoch. "auto": Ghosh's dice with combined labels; with 4
+    # classes the dice after merging A and B ("dice_combined"), because the permutation-invariant
+    # 4-class dice ("dice_pi") of 200 validation images jumps with every image whose A/B choice flips
+    # and picked an epoch worse on every test figure (BENCHMARKS E19). Combined labels: all mean "dice".
+    select_by: Literal["auto", "dice", "dice_pi", "dice_combined"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     num_threads: int = 0
@@ -164,6 +169,13 @@ class Params:
     def ab_aux(self) -> bool:
         """Combined labels trained through a 4-class network with A/B as an auxiliary task."""
         return self.combine_label and self.train.ab_aux
+
+    @property
+    def select_by(self) -> str:
+        """Key of `SegmentationMetrics.compute()` on validation that picks the saved epoch."""
+        if self.combine_label:
+            return "dice"
+        return "dice_combined" if self.train.select_by == "auto" else self.train.select_by
 
     def flat(self) -> dict[str, Any]:
         """All parameters as one flat `section.key -> value` map (for MLflow)."""

@@ -43,10 +43,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
-# Validation metric that picks the saved epoch, by number of classes. 4 classes: the permutation-
-# invariant dice, so that the saved model does not depend on how A and B are named
-# (`prepare.ab_order`); combined: Ghosh's dice.
-SELECT_BY = {3: "dice", 4: "dice_pi"}
 
 
 class TrainingInterruptedError(RuntimeError):
@@ -349,7 +345,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         )
 
     val_x, val_labels = va["images"].astype(np.float32) / 255.0, va["labels"]
-    select_by = SELECT_BY[params.n_classes]
+    select_by = params.select_by
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -370,6 +366,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
             "train_loss": float(np.mean(losses)),
             "val_dice": val["dice"],
             "val_iou_overlap": val["iou_overlap"],
+            "val_selection": val[select_by],
             "lr": sched.get_last_lr()[0],
             "train_img_per_s": cfg.samples_per_epoch / train_time,
         }
