@@ -84,3 +84,18 @@ def test_selection_metric_by_mode():
     assert params_from_dict(four).select_by == "dice_pi"
     with pytest.raises(ConfigError, match=r"train.select_by: 'iou' is not one of"):
         params_from_dict({"train": {"select_by": "iou"}})
+
+
+def test_register_metric_by_mode():
+    assert params_from_dict({"combine_label": True}).register_metric == "dice"
+    assert params_from_dict({"combine_label": False}).register_metric == "dice_pi"
+    four = {"combine_label": False, "register": {"metric": "iou_overlap"}}
+    assert params_from_dict(four).register_metric == "iou_overlap"
+    # The permutation-invariant and merged dice exist for 4 classes only.
+    with pytest.raises(ConfigError, match=r"register.metric 'dice_pi' exists with 4 classes only"):
+        params_from_dict({"combine_label": True, "register": {"metric": "dice_pi"}})
+    with pytest.raises(ConfigError, match=r"register.metric: 'dice_a' is not one of"):
+        params_from_dict({"register": {"metric": "dice_a"}})
+    with pytest.raises(ConfigError, match=r"register.real_tolerance must be in \[0, 1\)"):
+        params_from_dict({"register": {"real_tolerance": -0.1}})
+    assert params_from_dict({}).register.real_labelme == ""  # the real-image gate is opt-in

@@ -149,3 +149,101 @@ def test_promotion_verdict_shows_enough_digits_to_tell_scores_apart():
     assert _digits(0.216684098, 0.216689439) == 5  # 0.2167 twice, then 0.21668 vs 0.21669
     assert _digits(0.5, 0.5) == 4  # a tie stays at 4 decimals
     assert _digits(0.1, 0.1 + 1e-12) == 8  # capped
+
+
+def test_promotion_rule():
+    from chromoseg.registry import _Side, promotion
+
+    assert promotion(_Side(0.5), None, 0.0)[0] is True  # no champion yet
+    assert promotion(_Side(0.91), _Side(0.90), 0.0)[0] is True
+    assert promotion(_Side(0.90), _Side(0.90), 0.0)[0] is False  # a tie keeps the champion
+    # Better on the test split, worse on the real images: the gate keeps the champion ...
+    ok, why = promotion(_Side(0.99, real=0.80), _Side(0.98, real=0.85), 0.0)
+    assert ok is False and "real images" in why and "0.0500" in why
+    # ... unless the drop is within the tolerance; a real-image gain never promotes on its own.
+    assert promotion(_Side(0.99, real=0.80), _Side(0.98, real=0.85), 0.06)[0] is True
+    assert promotion(_Side(0.97, real=0.95), _Side(0.98, real=0.85), 0.0)[0] is False
+
+
+def write_labelme_pairs(folder, images, labels4) -> None:
+    """Each (grey image, 4-class label) as a labelme file: image embedded, one polygon per chromosome."""
+    import base64
+    import io
+
+    from PIL import Image
+    from skimage import measure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (img, lab) in enumerate(zip(images, labels4, strict=True)):
+        shapes = []
+        for cls in (1, 2):
+            mask = np.pad((lab == cls) | (lab == 3), 1).astype(float)
+            outline = max(measure.find_contours(mask, 0.5), key=len) - 1  # back to image coordinates
+            points = [[float(x), float(y)] for y, x in outline[::2]]
+            shapes.append({"label": "chromosome", "points": points, "shape_type": "polygon"})
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        doc = {
+            "shapes": shapes,
+            "imagePath": f"pair{i}.png",
+            "imageData": base64.b64encode(buf.getvalue()).decode(),
+            "imageHeight": int(img.shape[0]),
+            "imageWidth": int(img.shape[1]),
+        }
+        (folder / f"pair{i}.json").write_text(json.dumps(doc))
+
+
+def test_register_real_image_gate(project):
+    """`register.real_labelme`: both models scored on the real set as evaluate-external scores them."""
+    import subprocess
+
+    import mlflow
+
+    from chromoseg.prepare import load_split
+
+    proj, env, _ = project
+    test = load_split(proj / "data/prepared", "test")
+    write_labelme_pairs(proj / "real", test["images"][:5], test["labels4"][:5])
+    uri = f"sqlite:///{proj}/mlruns.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    n_versions = len(client.search_model_versions("name='chromoseg-unet'"))
+    reg_file = proj / "metrics/register.json"
+    before = reg_file.read_bytes()
+
+    def set_gate(folder: str) -> None:
+        params = params_of(proj)
+        params["register"]["real_labelme"] = folder
+        (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    # A folder that is not there: one clear error, nothing registered, register.json untouched.
+    set_gate("no-such-folder")
+    res = subprocess.run(["chromoseg", "register"], cwd=proj, env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "register.real_labelme" in res.stderr and "no-such-folder" in res.stderr
+    assert len(client.search_model_versions("name='chromoseg-unet'")) == n_versions
+    assert reg_file.read_bytes() == before
+
+    set_gate("real")
+    out = _run(["dvc", "repro"], proj, env)
+    assert "Running stage 'register'" in out and "Running stage 'train'" not in out
+    reg = json.loads(reg_file.read_text())
+    assert reg["version"] == n_versions + 1 and reg["real_set"]["n_images"] == 5
+    assert reg["score_kind"] == "dice_pi"  # 4 classes (the experiment above), register.metric auto
+    # The gate's figures are evaluate-external's on the same folder, for candidate and champion.
+    for version, key in (
+        (reg["version"], "candidate_real_score"),
+        (reg["champion_version_before"], "champion_real_score"),
+    ):
+        _run(
+            ["chromoseg", "evaluate-external", "--labelme", "real", "--model",
+             f"models:/chromoseg-unet/{version}", "--out", "ext.json"],
+            proj, env,
+        )  # fmt: skip
+        ext = json.loads((proj / "ext.json").read_text())
+        assert reg[key] == pytest.approx(ext["dice_pi"], abs=1e-9)
+    promote = reg["candidate_score"] > reg["champion_score"] and (
+        reg["candidate_real_score"] >= reg["champion_real_score"] - reg["real_tolerance"]
+    )
+    assert reg["promoted"] is promote and "5 real images" in reg["verdict"]
+    tags = client.get_model_version("chromoseg-unet", str(reg["version"])).tags
+    assert tags["real_score"] == f"{reg['candidate_real_score']:.6f}" and tags["real_score_kind"] == "dice_pi"

@@ -139,7 +139,14 @@ class EvaluateConfig:
 class RegisterConfig:
     model_name: str = "chromoseg-unet"
     alias: str = "champion"
-    metric: str = "dice"
+    # The figure a new version must beat the champion on. "auto": Ghosh's dice with combined labels,
+    # the permutation-invariant dice with 4 classes. dice_pi and dice_combined exist with 4 classes only.
+    metric: Literal["auto", "dice", "dice_pi", "dice_combined", "iou_overlap", "iou_chromosomes_pi"] = "auto"
+    # Real-image gate: a folder of labelme-annotated real images (relative to the project root, or
+    # absolute). When set, the candidate is scored there as well as the champion, and it is promoted
+    # only if it also scores at least the champion's `metric` minus `real_tolerance` there.
+    real_labelme: str = ""
+    real_tolerance: float = 0.0
     out: str = "metrics/register.json"
 
 
@@ -176,6 +183,13 @@ class Params:
         if self.combine_label:
             return "dice"
         return "dice_combined" if self.train.select_by == "auto" else self.train.select_by
+
+    @property
+    def register_metric(self) -> str:
+        """Key of the metrics (eval.json, evaluate-external) that decides promotion in the registry."""
+        if self.register.metric == "auto":
+            return "dice" if self.combine_label else "dice_pi"
+        return self.register.metric
 
     def flat(self) -> dict[str, Any]:
         """All parameters as one flat `section.key -> value` map (for MLflow)."""
@@ -282,6 +296,13 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"train.affine_p is a probability, in [0, 1]; got {p.train.affine_p}")
     if p.synth.n_images < 1:
         raise ConfigError(f"synth.n_images must be >= 1, got {p.synth.n_images}")
+    if p.combine_label and p.register.metric in ("dice_pi", "dice_combined"):
+        raise ConfigError(
+            f"register.metric {p.register.metric!r} exists with 4 classes only (combine_label: false); "
+            "with combined labels use auto, dice, iou_overlap or iou_chromosomes_pi"
+        )
+    if not 0.0 <= p.register.real_tolerance < 1.0:
+        raise ConfigError(f"register.real_tolerance must be in [0, 1), got {p.register.real_tolerance}")
 
 
 def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:

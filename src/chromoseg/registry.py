@@ -3,6 +3,13 @@
 The comparison is made on the same test split and label mode: the champion's recorded score is
 reused when it was measured on an identical split (same fingerprint), otherwise the champion is
 loaded and re-scored on the current split with the same code as the candidate.
+
+Real-image gate (`register.real_labelme`): the synthetic test split alone can promote a model that
+is worse on real images (BENCHMARKS E20: 240 epochs, better on the split, worse on real-dev). With a
+folder of labelme-annotated real images set, both models are also scored there (the same metric,
+as `chromoseg evaluate-external` scores them) and the candidate is promoted only if it does not
+fall more than `register.real_tolerance` below the champion there. Scores are recorded as model
+version tags with the set's fingerprint and reused while the set is unchanged.
 """
 
 from __future__ import annotations
@@ -22,16 +29,24 @@ log = logging.getLogger(__name__)
 
 
 def split_fingerprint(test: dict[str, np.ndarray], combine_label: bool) -> str:
+    return labels_fingerprint(test["images"], test["labels4"], combine_label)
+
+
+def labels_fingerprint(images: np.ndarray, labels4: np.ndarray, combine_label: bool) -> str:
+    """Identity of a scored image set (images, 4-class truth, label mode): equal sets, equal scores."""
     h = hashlib.sha256()
-    for k in ("images", "labels4"):
-        h.update(np.ascontiguousarray(test[k]).tobytes())
+    for a in (images, labels4):
+        h.update(np.ascontiguousarray(a).tobytes())
     h.update(b"combined" if combine_label else b"four")
     return h.hexdigest()[:16]
 
 
-def registry_score(metrics: dict, combine_label: bool) -> tuple[str, float]:
-    """The figure compared for promotion: dice (combined) or permutation-invariant dice (4 classes)."""
-    key = "dice" if combine_label else "dice_pi"
+def registry_score(metrics: dict, key: str) -> tuple[str, float]:
+    """The figure compared for promotion (`Params.register_metric`), as (key, value)."""
+    if key not in metrics:
+        raise ValueError(
+            f"metric {key!r} is not in the scores (keys: {sorted(metrics)}); set register.metric"
+        )
     return key, float(metrics[key])
 
 
@@ -78,21 +93,83 @@ def resolve_model_uri(model_uri: str, client=None):
     return None  # models:/NAME/STAGE (e.g. latest): left to MLflow
 
 
-def rescore_model(model_uri: str, test: dict[str, np.ndarray], combine_label: bool) -> float:
-    """Load any registered chromoseg model and score it on `test` in the current label mode."""
+def score_model(
+    model_uri: str, images: np.ndarray, labels4: np.ndarray, combine_label: bool, registered: bool = True
+) -> dict:
+    """Load any registered chromoseg model and score it on (images, 4-class truth) in the current
+    label mode, with the code `evaluate` uses. A and B of the truth are named by the model's rule."""
     import mlflow
 
     from chromoseg.evaluate import score
-    from chromoseg.labels import combine_labels, instances_to_labels4
+    from chromoseg.labels import canonical_ab, combine_labels, instances_to_labels4
 
-    resolve_model_uri(model_uri)  # a clear error for a missing alias or version
+    if registered:
+        resolve_model_uri(model_uri)  # a clear error for a missing alias or version
     model = mlflow.pyfunc.load_model(model_uri)
-    out = model.predict(test["images"])
-    pred4 = instances_to_labels4(out["mask_a"], out["mask_b"])
-    pred = combine_labels(pred4) if combine_label else pred4
+    inner = model.unwrap_python_model()
+    out = model.predict(images)
+    pred4 = instances_to_labels4(np.asarray(out["mask_a"]), np.asarray(out["mask_b"]))
+    truth4 = canonical_ab(labels4, getattr(inner, "ab_order", "area"))
+    if bool(getattr(inner, "combine_label", combine_label)) == combine_label:
+        pred = np.asarray(out["labels"], np.uint8)  # the model's own label map, as `evaluate` scores it
+    else:
+        pred = combine_labels(pred4) if combine_label else pred4
+    truth = combine_labels(truth4) if combine_label else truth4
+    separation = getattr(getattr(inner, "predictor", None), "separation", "geometry")
     # In 4-class mode `score` already holds the permutation-invariant figures (dice_pi).
-    metrics, _ = score(pred, test["labels"], test["labels4"], combine_label)
-    return registry_score(metrics, combine_label)[1]
+    metrics, _ = score(pred, truth, truth4, combine_label, pred4, separation)
+    return metrics
+
+
+def real_set_path(cfg_path: str) -> Path:
+    """`register.real_labelme` as a path: absolute, or relative to the project root (also under
+    `dvc exp run`, which runs the stage in a temporary copy)."""
+    from chromoseg.tracking import project_root
+
+    p = Path(cfg_path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def load_real_set(params: Params) -> dict | None:
+    """The gate's real images (labelme folder, at the 88 x 88 scale) or None when the gate is off."""
+    from chromoseg.data.labelme import load_labelme_dir
+
+    if not params.register.real_labelme:
+        return None
+    d = real_set_path(params.register.real_labelme)
+    if not d.is_dir():
+        raise FileNotFoundError(
+            f"register.real_labelme: {d} is not a folder; point it at a folder of labelme *.json files "
+            "(e.g. ../shared/data/real-dev/labelme) or set it to an empty string to turn the real-image gate off"
+        )
+    images, labels4, _, names = load_labelme_dir(d)
+    fp = labels_fingerprint(images, labels4, params.combine_label)
+    return {"dir": str(d), "images": images, "labels4": labels4, "n": len(names), "fingerprint": fp}
+
+
+class _Side:
+    """One model's scores for the promotion decision: the test split, and the real set if gated."""
+
+    def __init__(self, score: float, real: float | None = None) -> None:
+        self.score = score
+        self.real = real
+
+
+def promotion(new: _Side, champ: _Side | None, tolerance: float) -> tuple[bool, str]:
+    """(promote?, why). Promote when there is no champion, or the candidate beats it on the test
+    split and, with a real-image gate, does not fall more than `tolerance` below it on real images."""
+    if champ is None:
+        return True, "there was no champion"
+    if not new.score > champ.score:
+        return False, "it does not beat the champion on the test split"
+    if new.real is not None and champ.real is not None and new.real < champ.real - tolerance:
+        return False, (
+            f"it beats the champion on the test split but scores lower on the real images "
+            f"(by {champ.real - new.real:.4f}, tolerance {tolerance:g})"
+        )
+    return True, "it beats the champion on the test split" + (
+        " and holds up on the real images" if new.real is not None else ""
+    )
 
 
 def _digits(a: float, b: float, lo: int = 4, hi: int = 8) -> int:
@@ -101,6 +178,21 @@ def _digits(a: float, b: float, lo: int = 4, hi: int = 8) -> int:
     while d < hi and a != b and f"{a:.{d}f}" == f"{b:.{d}f}":
         d += 1
     return d
+
+
+def _real_score(version, model_uri: str, real: dict, key: str, combine_label: bool) -> float:
+    """A version's score on the real set: its recorded tag when made on the same set, else scored now."""
+    tags = getattr(version, "tags", None) or {}
+    if tags.get("real_set") == real["fingerprint"] and tags.get("real_score_kind") == key:
+        return float(tags["real_score"])
+    log.info("scoring %s on the %d real images of %s", model_uri, real["n"], real["dir"])
+    metrics = score_model(model_uri, real["images"], real["labels4"], combine_label, version is not None)
+    return registry_score(metrics, key)[1]
+
+
+def _compare(kind: str, a: float, b: float) -> str:
+    d = _digits(a, b)
+    return f"{kind} {a:.{d}f} against {b:.{d}f}"
 
 
 def run_register(params: Params) -> dict:
@@ -113,6 +205,7 @@ def run_register(params: Params) -> dict:
     for f in (Path(params.train.out_dir) / "run.json", Path("eval/run.json"), Path(params.evaluate.out)):
         if not f.is_file():  # checked before MLflow is touched: a failed start leaves no trace there
             raise FileNotFoundError(f"{f}: missing; run `dvc repro evaluate` (train and evaluate) first")
+    real = load_real_set(params)  # a bad folder fails here too, before anything is registered
     setup_mlflow(params.mlflow)
     client = mlflow.MlflowClient()
     run_info = json.loads((Path(params.train.out_dir) / "run.json").read_text())
@@ -120,7 +213,10 @@ def run_register(params: Params) -> dict:
     metrics = json.loads(Path(params.evaluate.out).read_text())
     test = load_split(params.prepare.out_dir, "test")
     fp = split_fingerprint(test, params.combine_label)
-    kind, new_score = registry_score(metrics, params.combine_label)
+    kind, new_score = registry_score(metrics, params.register_metric)
+    new_real = None
+    if real is not None:  # scored before registering: a model that cannot be scored is not registered
+        new_real = _real_score(None, run_info["model_uri"], real, kind, params.combine_label)
 
     try:
         client.get_registered_model(cfg.model_name)
@@ -136,6 +232,10 @@ def run_register(params: Params) -> dict:
         "combine_label": str(params.combine_label).lower(),
         "eval_run_id": eval_run,
     }
+    if real is not None:
+        tags.update(
+            {"real_set": real["fingerprint"], "real_score_kind": kind, "real_score": f"{new_real:.6f}"}
+        )
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, mv.version, k, v)
 
@@ -143,29 +243,33 @@ def run_register(params: Params) -> dict:
         champ = client.get_model_version_by_alias(cfg.model_name, cfg.alias)
     except MlflowException:
         champ = None
-    if champ is None:
-        promoted, champ_score, champ_version = True, None, None
-        verdict = f"v{mv.version} ({kind} {new_score:.4f}) becomes {cfg.alias}: there was no {cfg.alias}"
-    else:
+    champ_score = champ_real = champ_version = None
+    if champ is not None:
         champ_version = champ.version
+        champ_uri = f"models:/{cfg.model_name}/{champ.version}"
         if champ.tags.get("test_split") == fp and champ.tags.get("score_kind") == kind:
             champ_score = float(champ.tags["score"])
         else:
             log.info("champion v%s was scored on another split or mode: re-scoring it", champ.version)
-            champ_score = rescore_model(
-                f"models:/{cfg.model_name}/{champ.version}", test, params.combine_label
-            )
-        promoted = new_score > champ_score
-        verb = "beats" if promoted else "does not beat"
-        d = _digits(new_score, champ_score)
-        verdict = (
-            f"v{mv.version} ({kind} {new_score:.{d}f}) {verb} {cfg.alias} v{champ.version} "
-            f"({kind} {champ_score:.{d}f}) on the same test split"
-            + (
-                f": v{mv.version} is the new {cfg.alias}"
-                if promoted
-                else f": {cfg.alias} stays v{champ.version}"
-            )
+            champ_metrics = score_model(champ_uri, test["images"], test["labels4"], params.combine_label)
+            champ_score = registry_score(champ_metrics, kind)[1]
+        if real is not None:
+            champ_real = _real_score(champ, champ_uri, real, kind, params.combine_label)
+    promoted, why = promotion(
+        _Side(new_score, new_real),
+        None if champ is None else _Side(champ_score, champ_real),
+        cfg.real_tolerance,
+    )
+    if champ is None:
+        verdict = f"v{mv.version} ({kind} {new_score:.4f}) becomes {cfg.alias}: {why}"
+    else:
+        verdict = f"v{mv.version} against {cfg.alias} v{champ.version}: test split " + _compare(
+            kind, new_score, champ_score
+        )
+        if real is not None:
+            verdict += f", {real['n']} real images " + _compare(kind, new_real, champ_real)
+        verdict += f"; {why}: " + (
+            f"v{mv.version} is the new {cfg.alias}" if promoted else f"{cfg.alias} stays v{champ.version}"
         )
     if promoted:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, mv.version)
@@ -181,6 +285,10 @@ def run_register(params: Params) -> dict:
         "candidate_score": new_score,
         "champion_score": champ_score,
         "champion_version_before": int(champ_version) if champ_version else None,
+        "real_set": None if real is None else {"dir": real["dir"], "n_images": real["n"]},
+        "real_tolerance": cfg.real_tolerance if real is not None else None,
+        "candidate_real_score": new_real,
+        "champion_real_score": champ_real,
         "verdict": verdict,
     }
     write_json(cfg.out, summary)
