@@ -101,6 +101,10 @@ class TrainConfig:
     # image bilinearly and the label by nearest neighbour, which moves the label up to half a pixel
     # off the image's edge; the synthetic default already varies pose and scale exactly.
     affine_p: float = 0.5
+    # Probability that one chromosome of a training pair (A or B at random, the overlap with it) is
+    # made brighter or darker by a factor in [1/1.3, 1.3], through a smooth field (its mask blurred),
+    # so that a chromosome brighter than its partner is not taken for overlap. 0: off.
+    chromosome_grey_p: float = 0.0
     # Combined labels: the network has a 4-class head (chromosome A and B, scored
     # permutation-invariantly) whose A and B are merged into "chromosome" for its output; telling the
     # two chromosomes apart is an auxiliary task. The output and every metric stay 3-class.
@@ -292,8 +296,9 @@ def _validate(p: Params) -> None:
         raise ConfigError("train.class_weights_combined needs 3 values (background, chromosome, overlap)")
     if len(p.train.class_weights_4) != 4:
         raise ConfigError("train.class_weights_4 needs 4 values (background, A, B, overlap)")
-    if not 0.0 <= p.train.affine_p <= 1.0:
-        raise ConfigError(f"train.affine_p is a probability, in [0, 1]; got {p.train.affine_p}")
+    for key in ("affine_p", "chromosome_grey_p"):
+        if not 0.0 <= getattr(p.train, key) <= 1.0:
+            raise ConfigError(f"train.{key} is a probability, in [0, 1]; got {getattr(p.train, key)}")
     if p.synth.n_images < 1:
         raise ConfigError(f"synth.n_images must be >= 1, got {p.synth.n_images}")
     if p.combine_label and p.register.metric in ("dice_pi", "dice_combined"):

@@ -37,7 +37,7 @@ from chromoseg.metrics import SegmentationMetrics
 from chromoseg.model import build_model, exec_plan, input_multiple, prepare_module, set_threads, to_input
 from chromoseg.prepare import load_split
 from chromoseg.tracking import project_root
-from chromoseg.transforms import train_transform
+from chromoseg.transforms import chromosome_grey, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,12 @@ class BatchSampler:
             xs, ys = [], []
             for i in idx[start : start + bs]:
                 out = self.transform(image=self.images[i], mask=self.labels4[i])
+                if (
+                    self.cfg.augment
+                    and self.cfg.chromosome_grey_p > 0
+                    and rng.random() < self.cfg.chromosome_grey_p
+                ):
+                    out["image"] = chromosome_grey(out["image"], out["mask"], rng)
                 xs.append(out["image"])
                 ys.append(out["mask"])
             x = np.stack(xs)

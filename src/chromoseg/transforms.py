@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import albumentations as A
 import cv2
+import numpy as np
+
+CHROMOSOME_GREY_RANGE = 1.3  # factor in [1 / range, range], log-uniform
+CHROMOSOME_GREY_SIGMA = 1.0  # px: the mask is blurred so the grey change follows the optics' edge
 
 
 def train_transform(seed: int, enabled: bool = True, affine_p: float = 0.5) -> A.Compose:
@@ -45,3 +49,19 @@ def train_transform(seed: int, enabled: bool = True, affine_p: float = 0.5) -> A
         ],
         seed=seed,
     )
+
+
+def chromosome_grey(image: np.ndarray, labels4: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One chromosome of the pair (A or B at random, with the overlap) made brighter or darker.
+
+    (H, W) uint8 image and 4-class labels -> (H, W) uint8. The image is multiplied by
+    1 + (k - 1) * blur(mask), k log-uniform in [1 / 1.3, 1.3]: a pair whose chromosomes differ in
+    grey more than the generator's own range, with the edge change as soft as the optics'. The
+    outline stays where the image falls to a fixed fraction of the chromosome's grey, so the label
+    still matches the image. The overlap keeps being brighter than either chromosome.
+    """
+    which = 1 + int(rng.integers(2))
+    k = float(np.exp(rng.uniform(-np.log(CHROMOSOME_GREY_RANGE), np.log(CHROMOSOME_GREY_RANGE))))
+    mask = ((labels4 == which) | (labels4 == 3)).astype(np.float32)
+    field = 1.0 + (k - 1.0) * cv2.GaussianBlur(mask, (0, 0), CHROMOSOME_GREY_SIGMA)
+    return np.clip(np.rint(image.astype(np.float32) * field), 0, 255).astype(np.uint8)
