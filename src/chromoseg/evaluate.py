@@ -263,20 +263,38 @@ def load_any_model(model: str):
     return pyfunc.predict, bool(inner.combine_label), getattr(inner, "ab_order", "area"), predictor
 
 
+def score_output(
+    res: dict,
+    labels4: np.ndarray,
+    ab_order: str,
+    model_combine_label: bool,
+    combine_label: bool,
+    separation: str = "geometry",
+) -> dict:
+    """Metrics of a chromoseg model's output (`labels`, `mask_a`, `mask_b`) against 4-class truth,
+    in the label mode `combine_label`. A and B of the truth are named by the model's rule
+    (`ab_order`); a model of the other mode is scored through its instance masks."""
+    from chromoseg.labels import canonical_ab, combine_labels
+
+    truth4 = canonical_ab(labels4, ab_order)
+    pred4 = instances_to_labels4(np.asarray(res["mask_a"]), np.asarray(res["mask_b"]))
+    if model_combine_label == combine_label:
+        pred = np.asarray(res["labels"], np.uint8)  # the model's own label map
+    else:
+        pred = combine_labels(pred4) if combine_label else pred4
+    truth = combine_labels(truth4) if combine_label else truth4
+    return score(pred, truth, truth4, combine_label, pred4, separation)[0]
+
+
 def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) -> dict:
     """Score any model on a folder of labelme-annotated real images; same keys as metrics/eval.json."""
     from chromoseg.data.labelme import load_labelme_dir
-    from chromoseg.labels import canonical_ab, combine_labels
 
     images, truth4, scales, names = load_labelme_dir(labelme_dir)
     predict, combine_label, ab_order, predictor = load_any_model(model)
     separation = getattr(predictor, "separation", "geometry")
-    truth4 = canonical_ab(truth4, ab_order)
     res = predict(images)
-    pred4 = instances_to_labels4(np.asarray(res["mask_a"]), np.asarray(res["mask_b"]))
-    labels = np.asarray(res["labels"], np.uint8)
-    truth = combine_labels(truth4) if combine_label else truth4
-    metrics, _ = score(labels, truth, truth4, combine_label, pred4, separation)
+    metrics = score_output(res, truth4, ab_order, combine_label, combine_label, separation)
     metrics.update(
         {
             "tta": getattr(predictor, "tta", False),

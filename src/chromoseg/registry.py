@@ -100,25 +100,23 @@ def score_model(
     label mode, with the code `evaluate` uses. A and B of the truth are named by the model's rule."""
     import mlflow
 
-    from chromoseg.evaluate import score
-    from chromoseg.labels import canonical_ab, combine_labels, instances_to_labels4
+    from chromoseg.evaluate import score_output
 
     if registered:
         resolve_model_uri(model_uri)  # a clear error for a missing alias or version
     model = mlflow.pyfunc.load_model(model_uri)
     inner = model.unwrap_python_model()
-    out = model.predict(images)
-    pred4 = instances_to_labels4(np.asarray(out["mask_a"]), np.asarray(out["mask_b"]))
-    truth4 = canonical_ab(labels4, getattr(inner, "ab_order", "area"))
-    if bool(getattr(inner, "combine_label", combine_label)) == combine_label:
-        pred = np.asarray(out["labels"], np.uint8)  # the model's own label map, as `evaluate` scores it
-    else:
-        pred = combine_labels(pred4) if combine_label else pred4
-    truth = combine_labels(truth4) if combine_label else truth4
+    model_combine = bool(getattr(inner, "combine_label", combine_label))
     separation = getattr(getattr(inner, "predictor", None), "separation", "geometry")
-    # In 4-class mode `score` already holds the permutation-invariant figures (dice_pi).
-    metrics, _ = score(pred, truth, truth4, combine_label, pred4, separation)
-    return metrics
+    # In 4-class mode the scores already hold the permutation-invariant figures (dice_pi).
+    return score_output(
+        model.predict(images),
+        labels4,
+        getattr(inner, "ab_order", "area"),
+        model_combine,
+        combine_label,
+        separation,
+    )
 
 
 def real_set_path(cfg_path: str) -> Path:
