@@ -241,6 +241,21 @@ def test_register_real_image_gate(project):
         )  # fmt: skip
         ext = json.loads((proj / "ext.json").read_text())
         assert reg[key] == pytest.approx(ext["dice_pi"], abs=1e-9)
+    # The scale measured on the grey image instead of the polygons: these are images at the training
+    # scale, so each factor is near 1 (the polygons' width gives about 1 too).
+    _run(
+        ["chromoseg", "evaluate-external", "--labelme", "real", "--model",
+         f"models:/chromoseg-unet/{reg['version']}", "--out", "ext_image.json", "--width-from", "image"],
+        proj, env,
+    )  # fmt: skip
+    ext_image = json.loads((proj / "ext_image.json").read_text())
+    assert ext_image["width_from"] == "image" and ext["width_from"] == "labels"
+    assert all(0.8 < s < 1.25 for s in ext_image["scale_factors"])
+    bad = subprocess.run(
+        ["chromoseg", "evaluate-external", "--labelme", "real", "--width-from", "polygons"],
+        cwd=proj, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--width-from must be one of labels, image" in bad.stderr
     promote = reg["candidate_score"] > reg["champion_score"] and (
         reg["candidate_real_score"] >= reg["champion_real_score"] - reg["real_tolerance"]
     )

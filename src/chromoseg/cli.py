@@ -192,11 +192,22 @@ def evaluate_external(
     out: Annotated[
         Path, typer.Option("--out", help="Metrics JSON to write (same keys as eval.json).")
     ] = Path("metrics/eval_external.json"),
+    width_from: Annotated[
+        str,
+        typer.Option(
+            "--width-from",
+            help="What sets each image's scale: 'labels' (the polygons' width) or 'image' (measured on "
+            "the grey image, as predict --scale auto does).",
+        ),
+    ] = "labels",
 ) -> None:
     """Score a model on real labelme-annotated images (rescaled to the 88x88 scale)."""
+    from chromoseg.data.labelme import WIDTH_SOURCES
     from chromoseg.evaluate import run_evaluate_external
 
-    m = run_guarded(run_evaluate_external, labelme, model, out)
+    if width_from not in WIDTH_SOURCES:
+        fail(f"--width-from must be one of {', '.join(WIDTH_SOURCES)}, got {width_from!r}")
+    m = run_guarded(run_evaluate_external, labelme, model, out, width_from)
     typer.echo(json.dumps({k: m[k] for k in ("dice", "iou_overlap", "iou_chromosomes_pi") if k in m}))
 
 
@@ -216,9 +227,12 @@ def predict(
         str | None, typer.Option(help="A running scoring server instead, e.g. http://127.0.0.1:5001.")
     ] = None,
     scale: Annotated[
-        float,
-        typer.Option(help="Resize factor before inference (0.5 for real-dev images, ~2x the 88x88 scale)."),
-    ] = 1.0,
+        str,
+        typer.Option(
+            help="Resize factor before inference (0.5 for real-dev images, ~2x the 88x88 scale), or "
+            "'auto': measured on each image from its chromosomes' width."
+        ),
+    ] = "1.0",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Segment images: per image a label PNG, an A/B/overlap overlay and a JSON summary."""

@@ -286,11 +286,17 @@ def score_output(
     return score(pred, truth, truth4, combine_label, pred4, separation)[0]
 
 
-def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) -> dict:
-    """Score any model on a folder of labelme-annotated real images; same keys as metrics/eval.json."""
+def run_evaluate_external(
+    labelme_dir: str | Path, model: str, out: str | Path, width_from: str = "labels"
+) -> dict:
+    """Score any model on a folder of labelme-annotated real images; same keys as metrics/eval.json.
+
+    `width_from`: each image is rescaled by its polygons' width (`labels`) or by the width measured
+    on the grey image (`image`), as `chromoseg predict --scale auto` does with unlabelled images.
+    """
     from chromoseg.data.labelme import load_labelme_dir
 
-    images, truth4, scales, names = load_labelme_dir(labelme_dir)
+    images, truth4, scales, names = load_labelme_dir(labelme_dir, width_from=width_from)
     predict, combine_label, ab_order, predictor = load_any_model(model)
     separation = getattr(predictor, "separation", "geometry")
     res = predict(images)
@@ -301,6 +307,7 @@ def run_evaluate_external(labelme_dir: str | Path, model: str, out: str | Path) 
             "source": str(labelme_dir),
             "model": str(model),
             "images": names,
+            "width_from": width_from,
             "scale_factors": [round(float(s), 4) for s in scales],
         }
     )

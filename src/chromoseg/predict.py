@@ -11,7 +11,8 @@ Per input image it writes, into the output folder:
 Inputs are PNG/JPEG/TIFF files or labelme JSON files (their embedded image). The network was
 trained at the 88 x 88 LowRes scale (chromosome width ~11.5 px); `scale` resizes each image before
 inference and resizes the masks back (nearest) afterwards: use 0.5 for the real-dev images
-(width ~23 px).
+(width ~23 px), or ``auto`` to measure each image's chromosome width on the image itself
+(`chromoseg.data.scale`); the summary records the scale used.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from chromoseg.labels import instances_to_labels4
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "models:/chromoseg-unet@champion"
+AUTO = "auto"  # `--scale auto`: the scale measured on each image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -175,11 +177,43 @@ def post_json(url: str, body: bytes, timeout: float = 120.0) -> dict[str, Any]:
         ) from exc
 
 
-def run_model(model: LocalModel | RemoteModel, images: list[np.ndarray], scale: float = 1.0) -> list[Result]:
-    """Predict (H, W) uint8 images at `scale`; masks come back at each image's original size."""
-    if scale <= 0:
-        raise PredictError(f"scale must be > 0, got {scale}; use 0.5 for images at twice the 88 x 88 scale")
-    inputs = [resize(im, scaled_shape(im.shape, scale)) for im in images]
+def parse_scale(value: str | float) -> float | str:
+    """A `--scale` value: a positive number, or ``auto``."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise PredictError(f"scale must be a number > 0 or 'auto', got {value!r}") from None
+    if not scale > 0 or not np.isfinite(scale):
+        raise PredictError(f"scale must be > 0, got {value}; use 0.5 for images at twice the 88 x 88 scale")
+    return scale
+
+
+def image_scales(images: list[np.ndarray], scale: float | str, names: list[str] | None = None) -> list[float]:
+    """One resize factor per image: `scale` itself, or with ``auto`` each image's measured one."""
+    from chromoseg.data.scale import ScaleError, auto_scale
+
+    scale = parse_scale(scale)
+    if scale != AUTO:
+        return [float(scale)] * len(images)
+    out = []
+    for i, im in enumerate(images):
+        try:
+            out.append(auto_scale(im))
+        except ScaleError as exc:
+            name = names[i] if names else f"image {i}"
+            raise PredictError(f"{name}: {exc}; pass --scale with a number instead of auto") from exc
+    return out
+
+
+def run_model(
+    model: LocalModel | RemoteModel, images: list[np.ndarray], scale: float | str = 1.0
+) -> list[Result]:
+    """Predict (H, W) uint8 images at `scale` (a factor, a list of one per image, or ``auto``); masks
+    come back at each image's original size."""
+    scales = scale if isinstance(scale, list) else image_scales(images, scale)
+    inputs = [resize(im, scaled_shape(im.shape, s)) for im, s in zip(images, scales, strict=True)]
     outs = model.predict(inputs)
     results = []
     for im, out in zip(images, outs):
@@ -231,7 +265,11 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, result: Result, i
 
 
 def predict_files(
-    images: list[Path], out_dir: Path, model: str | None = None, url: str | None = None, scale: float = 1.0
+    images: list[Path],
+    out_dir: Path,
+    model: str | None = None,
+    url: str | None = None,
+    scale: float | str = 1.0,
 ) -> list[dict[str, Any]]:
     """Segment each file with the local `model` URI or the server at `url`; write outputs; return summaries."""
     if (model is None) == (url is None):
@@ -239,11 +277,13 @@ def predict_files(
     if not images:
         raise PredictError("no input images given")
     arrays = [load_image(p) for p in images]
+    # Before the model loads: a bad scale or an image without chromosomes fails fast.
+    scales = image_scales(arrays, scale, [str(p) for p in images])
     runner: LocalModel | RemoteModel = RemoteModel(url) if url else LocalModel(model)  # type: ignore[arg-type]
-    results = run_model(runner, arrays, scale)
+    results = run_model(runner, arrays, scales)
     summaries = []
     stems: dict[str, int] = {}
-    for path, image, res in zip(images, arrays, results):
+    for path, image, res, used in zip(images, arrays, results, scales, strict=True):
         stem = path.stem
         # Two inputs with one name (a.png, a.json) must not overwrite each other.
         if stem in stems:
@@ -251,7 +291,8 @@ def predict_files(
             stem = f"{stem}_{stems[stem]}"
         else:
             stems[stem] = 0
-        info = summary(res, str(path), runner.uri, scale)
+        info = summary(res, str(path), runner.uri, round(used, 4))
+        info["scale_from"] = "image" if parse_scale(scale) == AUTO else "given"
         write_outputs(out_dir, stem, image, res, info)
         log.info(
             "%s: A %d px, B %d px, overlap %d px (%.1f%%)",

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 LABEL = "chromosome"
 DEFAULT_TARGET_WIDTH = 11.5
 MARGIN = 2  # px kept free around the pair in the output frame
+WIDTH_SOURCES = ("labels", "image")  # what sets each pair's scale (`load_labelme_dir`)
 
 Polygon = list[tuple[float, float]]
 
@@ -139,14 +140,22 @@ def to_lowres(
     poly_b: Polygon,
     target_width: float = DEFAULT_TARGET_WIDTH,
     size: int = 88,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Crop and rescale one annotated pair: (size, size) uint8 grey, uint8 label 0..3, scale."""
+    """Crop and rescale one annotated pair: (size, size) uint8 grey, uint8 label 0..3, scale.
+
+    `scale` (output px per input px) replaces the one from the polygons' width, e.g. one measured on
+    the grey image (`chromoseg.data.scale`); the pair is still shrunk further if it does not fit.
+    """
     h, w = image.shape
-    ma, mb = polygon_mask(poly_a, (h, w)), polygon_mask(poly_b, (h, w))
-    width = float(np.nanmean([estimate_width(ma), estimate_width(mb)]))
-    if not np.isfinite(width) or width <= 0:
-        raise ValueError("polygons are empty after rasterisation")
-    scale = target_width / width
+    if scale is None:
+        ma, mb = polygon_mask(poly_a, (h, w)), polygon_mask(poly_b, (h, w))
+        width = float(np.nanmean([estimate_width(ma), estimate_width(mb)]))
+        if not np.isfinite(width) or width <= 0:
+            raise ValueError("polygons are empty after rasterisation")
+        scale = target_width / width
+    elif not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     pts = np.asarray(poly_a + poly_b) + 0.5  # continuous coordinates: pixel k spans [k, k + 1)
     lo, hi = pts.min(0), pts.max(0)
     extent = float((hi - lo).max()) * scale
@@ -174,22 +183,40 @@ def to_lowres(
 
 
 def load_labelme_dir(
-    directory: str | os.PathLike[str], target_width: float = DEFAULT_TARGET_WIDTH, size: int = 88
+    directory: str | os.PathLike[str],
+    target_width: float = DEFAULT_TARGET_WIDTH,
+    size: int = 88,
+    width_from: str = "labels",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """All `*.json` in `directory` (sorted): (N, size, size) uint8 grey and labels, (N,) scales, names."""
+    """All `*.json` in `directory` (sorted): (N, size, size) uint8 grey and labels, (N,) scales, names.
+
+    `width_from`: `labels` rescales each pair by its polygons' width (the truth), `image` by the width
+    measured on the grey image (`chromoseg.data.scale.auto_scale`, what `predict --scale auto` does
+    with an unlabelled image), times `target_width / DEFAULT_TARGET_WIDTH`.
+    """
+    from chromoseg.data.scale import ScaleError, auto_scale
+
     d = Path(directory)
     if not d.is_dir():
         raise DataError(f"{d}: not a directory; pass the folder that holds the labelme *.json files")
     if not target_width > 0:
         raise ValueError(f"target_width must be > 0 px, got {target_width}")
+    if width_from not in WIDTH_SOURCES:
+        raise ValueError(f"width_from must be one of {list(WIDTH_SOURCES)}, got {width_from!r}")
     files = sorted(d.glob("*.json"))
     if not files:
         raise DataError(f"{d}: no *.json files found; pass the folder that holds the labelme annotations")
     images, labels, scales, names = [], [], [], []
     for f in files:
         img, pa, pb = read_labelme(f)
+        scale = None
+        if width_from == "image":
+            try:
+                scale = auto_scale(img) * target_width / DEFAULT_TARGET_WIDTH
+            except ScaleError as exc:
+                raise _fail(f, str(exc), "use the polygons' width instead (--width-from labels)") from exc
         try:
-            g, lab, s = to_lowres(img, pa, pb, target_width, size)
+            g, lab, s = to_lowres(img, pa, pb, target_width, size, scale)
         except ValueError as exc:
             raise _fail(f, str(exc), "re-draw the polygons in labelme") from exc
         if not (lab & 1).any() or not (lab & 2).any():
