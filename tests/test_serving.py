@@ -31,6 +31,7 @@ from chromoseg.serving import (
     InputError,
     decode_png,
     resolve_max_side,
+    resolve_scale,
     resolve_tta,
     split_images,
     to_float_images,
@@ -257,6 +258,57 @@ def test_predict_rejects_with_mlflow_400(model: ChromosegModel) -> None:
     assert "chromoseg: image 0 is 600x20 px; each side must be 8..512 px" in info.value.message
 
 
+def test_scale_param_resizes_and_answers_at_input_size(model: ChromosegModel, small_synth) -> None:
+    from chromoseg.data.scale import auto_scale, resize, scaled_shape
+
+    pair = small_synth[0][5]
+    big = resize(pair, (176, 176))
+    out = model.predict(None, big, params={"scale": "0.5"})
+    assert all(out[k].shape == (1, 176, 176) for k in OUTPUT_KEYS)
+    check_consistent(out, model.combine_label)
+    # The same as resizing by hand and scaling the masks back (nearest).
+    small = model.predict(None, resize(big.astype(np.float32) / 255.0, (88, 88)))
+    for k in OUTPUT_KEYS:
+        np.testing.assert_array_equal(out[k][0], resize(small[k][0], (176, 176), nearest=True))
+    # auto: each image's measured scale; mixed sizes come back as a list at each input's size.
+    odd = resize(pair, (150, 140))
+    out = model.predict(None, [png_b64(big), png_b64(odd)], params={"scale": "auto"})
+    assert [x.shape for x in out["mask_a"]] == [(176, 176), (150, 140)]
+    s = auto_scale(big.astype(np.float32) / 255.0)
+    ref = model.predict(None, resize(big.astype(np.float32) / 255.0, scaled_shape((176, 176), s)))
+    np.testing.assert_array_equal(out["labels"][0], resize(ref["labels"][0], (176, 176), nearest=True))
+    # "" (MLflow's default for the param) and no params: the model's default, 1.
+    np.testing.assert_array_equal(
+        model.predict(None, pair, params={"scale": ""})["labels"], model.predict(None, pair)["labels"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "params", "message"),
+    [
+        (np.zeros((40, 40), np.uint8), {"scale": "auto"}, "image 0: the image is uniform"),
+        (np.zeros((40, 40), np.uint8), {"scale": "half"}, "params scale must be a number > 0 or 'auto'"),
+        (np.zeros((40, 40), np.uint8), {"scale": "-1"}, "params scale must be > 0"),
+        (np.zeros((400, 400), np.uint8), {"scale": "2"}, "image 0 at scale 2 is 800x800 px"),
+    ],
+)
+def test_scale_param_errors_are_400(model: ChromosegModel, value, params, message: str) -> None:
+    with pytest.raises(MlflowException) as info:
+        model.predict(None, value, params=params)
+    assert info.value.get_http_status_code() == 400 and message in info.value.message
+
+
+def test_scale_default_from_env_or_model_config(monkeypatch) -> None:
+    monkeypatch.delenv("CHROMOSEG_SCALE", raising=False)
+    assert resolve_scale(None) == 1.0
+    assert resolve_scale({"scale": 0.5}) == 0.5
+    monkeypatch.setenv("CHROMOSEG_SCALE", "AUTO")
+    assert resolve_scale({"scale": 0.5}) == "auto"
+    monkeypatch.setenv("CHROMOSEG_SCALE", "0")
+    with pytest.raises(ValueError, match="CHROMOSEG_SCALE/scale: scale must be > 0"):
+        resolve_scale(None)
+
+
 # ------------------------------------------------------------------------------------- e2e: server
 
 
@@ -332,6 +384,11 @@ def test_scoring_server_end_to_end(tmp_path: Path, monkeypatch) -> None:
             assert "chromoseg: " in reply["message"] or name == "empty list", name
         status, reply = post(url, {"inputs": one.tolist()})
         assert status == 200 and np.asarray(reply["predictions"]["labels"]).shape == (1, 88, 88)
+        # The request's scale param: resized for the network, answered at the input's size.
+        status, reply = post(url, {"inputs": [png_b64(odd)], "params": {"scale": "0.7"}})
+        assert status == 200 and np.asarray(reply["predictions"]["mask_a"]).shape == (1, 100, 131)
+        status, reply = post(url, {"inputs": [png_b64(odd)], "params": {"scale": "huge"}})
+        assert status == 400 and "scale must be a number > 0 or 'auto'" in reply["message"]
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 

@@ -30,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from chromoseg.data.scale import AUTO, ScaleError, parse_scale, resize, scaled_shape
+from chromoseg.data.scale import image_scales as _image_scales
 from chromoseg.labels import instances_to_labels4
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "models:/chromoseg-unet@champion"
-AUTO = "auto"  # `--scale auto`: the scale measured on each image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -86,20 +87,6 @@ def load_image(path: str | Path) -> np.ndarray:
         raise PredictError(
             f"{p}: not a readable image ({exc}); pass {'/'.join(IMAGE_SUFFIXES)} or labelme .json"
         ) from exc
-
-
-def resize(image: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """(H, W) uint8 -> `shape` (rows, cols); bilinear for images, nearest for label maps."""
-    from PIL import Image
-
-    if image.shape == shape:
-        return image
-    method = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), method))
-
-
-def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
-    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
 def encode_png(image: np.ndarray) -> str:
@@ -177,34 +164,16 @@ def post_json(url: str, body: bytes, timeout: float = 120.0) -> dict[str, Any]:
         ) from exc
 
 
-def parse_scale(value: str | float) -> float | str:
-    """A `--scale` value: a positive number, or ``auto``."""
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO
-    try:
-        scale = float(value)
-    except (TypeError, ValueError):
-        raise PredictError(f"scale must be a number > 0 or 'auto', got {value!r}") from None
-    if not scale > 0 or not np.isfinite(scale):
-        raise PredictError(f"scale must be > 0, got {value}; use 0.5 for images at twice the 88 x 88 scale")
-    return scale
-
-
 def image_scales(images: list[np.ndarray], scale: float | str, names: list[str] | None = None) -> list[float]:
-    """One resize factor per image: `scale` itself, or with ``auto`` each image's measured one."""
-    from chromoseg.data.scale import ScaleError, auto_scale
-
-    scale = parse_scale(scale)
-    if scale != AUTO:
-        return [float(scale)] * len(images)
-    out = []
-    for i, im in enumerate(images):
-        try:
-            out.append(auto_scale(im))
-        except ScaleError as exc:
-            name = names[i] if names else f"image {i}"
-            raise PredictError(f"{name}: {exc}; pass --scale with a number instead of auto") from exc
-    return out
+    """One resize factor per image (`chromoseg.data.scale.image_scales`), errors as PredictError."""
+    try:
+        scale = parse_scale(scale)
+    except ScaleError as exc:
+        raise PredictError(str(exc)) from None
+    try:
+        return _image_scales(images, scale, names)
+    except ScaleError as exc:
+        raise PredictError(f"{exc}; pass --scale with a number instead of auto") from None
 
 
 def run_model(

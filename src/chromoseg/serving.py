@@ -11,8 +11,11 @@ Input (any of):
 Each side must be 8..``max_side`` px (default 2048; ``CHROMOSEG_MAX_SIDE`` env var or
 ``model_config={"max_side": ...}``), at most 64 Mpx per request. Test-time augmentation follows the
 checkpoint (`train.tta`) unless ``CHROMOSEG_TTA`` (``0`` / ``1``) or ``model_config={"tta": ...}``
-says otherwise. Images are grouped by size, padded to what the network needs,
-batched, and cropped back. Output: a dict of ``labels`` (the model's label space), ``mask_a`` and
+says otherwise. The network works at the 88 x 88 LowRes scale: images at another scale are resized
+by the request's ``params={"scale": "0.5"}`` (a number as text, or ``"auto"``: measured on each image,
+`chromoseg.data.scale`), else by ``CHROMOSEG_SCALE`` or ``model_config={"scale": ...}`` (default 1,
+no resizing); the outputs come back at each input's size. Images are grouped by size, padded to what
+the network needs, batched, and cropped back. Output: a dict of ``labels`` (the model's label space), ``mask_a`` and
 ``mask_b`` (each chromosome including the overlap) and ``overlap``, each uint8: an (N, H, W) array
 when all images have one size, else a list of N (H_i, W_i) arrays. Through the scoring server both
 become ``{"predictions": {"labels": [image_0, ...], ...}}`` with each image a nested list of ints.
@@ -42,6 +45,7 @@ MIN_SIDE = 8
 DEFAULT_MAX_SIDE = 2048
 MAX_SIDE_ENV = "CHROMOSEG_MAX_SIDE"
 TTA_ENV = "CHROMOSEG_TTA"
+SCALE_ENV = "CHROMOSEG_SCALE"
 # Per request: 64 Mpx (~8700 images of 88 x 88) bounds the server's memory; clients split larger batches.
 MAX_TOTAL_PIXELS = 64 * 1024 * 1024
 
@@ -322,6 +326,46 @@ def resolve_tta(default: bool, model_config: dict | None = None) -> bool:
     return value
 
 
+def resolve_scale(model_config: dict | None = None) -> float | str:
+    """The server's default scale: env CHROMOSEG_SCALE, else model_config['scale'], else 1."""
+    from chromoseg.data.scale import ScaleError, parse_scale
+
+    raw = os.environ.get(SCALE_ENV) or (model_config or {}).get("scale")
+    try:
+        return parse_scale(raw)
+    except ScaleError as exc:
+        raise ValueError(f"{SCALE_ENV}/scale: {exc}") from None
+
+
+def predict_scaled(
+    predictor, images: list[np.ndarray], combine_label: bool, scale: float | str, max_side: int
+) -> dict:
+    """`predict_images` on the images resized by `scale` (or each one's measured scale, ``auto``),
+    with every output resized back (nearest) to its input's size."""
+    from chromoseg.data.scale import ScaleError, image_scales, resize, scaled_shape
+
+    if scale == 1.0:
+        return predict_images(predictor, images, combine_label)
+    try:
+        scales = image_scales(images, scale)
+    except ScaleError as exc:
+        raise InputError(f"{exc}; send it with a numeric scale") from None
+    resized = []
+    for i, (im, s) in enumerate(zip(images, scales, strict=True)):
+        shape = scaled_shape(im.shape, s)
+        try:
+            _check_size(*shape, max_side)
+        except InputError as exc:
+            raise InputError(f"image {i} at scale {s:.3g} {exc}") from None
+        resized.append(resize(im, shape))
+    res = predict_images(predictor, resized, combine_label)
+    out = {k: [resize(np.asarray(res[k][i]), im.shape, nearest=True) for i, im in enumerate(images)]
+           for k in OUTPUT_KEYS}  # fmt: skip
+    if len({im.shape for im in images}) == 1:
+        return {k: np.stack(v) for k, v in out.items()}
+    return out
+
+
 class ChromosegModel(_Base):
     """MLflow pyfunc wrapper around `infer.Predictor` (see the module doc for input and output)."""
 
@@ -331,19 +375,27 @@ class ChromosegModel(_Base):
         self.ab_order = checkpoint_ab_order(ck)
         self.max_side = resolve_max_side(getattr(context, "model_config", None))
         self.predictor.tta = resolve_tta(self.predictor.tta, getattr(context, "model_config", None))
+        self.scale = resolve_scale(getattr(context, "model_config", None))
         log.info(
-            "chromoseg model loaded: combine_label=%s, max_side=%d, %s",
-            self.combine_label, self.max_side, self.predictor.describe(),
+            "chromoseg model loaded: combine_label=%s, max_side=%d, scale=%s, %s",
+            self.combine_label, self.max_side, self.scale, self.predictor.describe(),
         )  # fmt: skip
 
     def predict(self, context, model_input, params: dict | None = None) -> dict:
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
+        from chromoseg.data.scale import ScaleError, parse_scale
+
+        max_side = getattr(self, "max_side", DEFAULT_MAX_SIDE)
         try:
-            images = split_images(model_input, getattr(self, "max_side", DEFAULT_MAX_SIDE))
+            try:
+                scale = parse_scale((params or {}).get("scale"), getattr(self, "scale", 1.0))
+            except ScaleError as exc:
+                raise InputError(f"params {exc}") from None
+            images = split_images(model_input, max_side)
+            return predict_scaled(self.predictor, images, self.combine_label, scale, max_side)
         except InputError as exc:
             raise MlflowException(f"chromoseg: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
-        return predict_images(self.predictor, images, self.combine_label)
 
 
 def default_example() -> np.ndarray:
@@ -356,18 +408,21 @@ def default_example() -> np.ndarray:
 
 
 def model_signature():
-    """Signature: any input (validated by the model itself), four uint8 (N, H, W) outputs.
+    """Signature: any input (validated by the model itself), four uint8 (N, H, W) outputs, and one
+    optional string param `scale` ("0.5", "auto"; "" for the server's default).
 
     The input spec is an unnamed object tensor on purpose: MLflow then passes arrays, PNG strings and
     DataFrames through unchanged, so the model answers bad input with its own short 400 message
     instead of MLflow's cast errors (which would turn floats into uint8 silently).
     """
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(object), (-1,))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name=n) for n in OUTPUT_KEYS]),
+        # "" = the server's default (CHROMOSEG_SCALE / model_config, else 1); "0.5"; "auto".
+        params=ParamSchema([ParamSpec("scale", "string", "")]),
     )
 
 

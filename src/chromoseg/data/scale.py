@@ -28,6 +28,9 @@ REFERENCE_WIDTH = 10.2
 MIN_COMPONENT = 0.1  # components smaller than this fraction of the largest are not chromosomes
 
 
+AUTO = "auto"  # a scale measured on each image (`parse_scale`)
+
+
 class ScaleError(ValueError):
     """The image shows no chromosome to measure (no contrast, or nothing but specks)."""
 
@@ -67,3 +70,48 @@ def auto_scale(image: np.ndarray, reference: float = REFERENCE_WIDTH) -> float:
             f"measured chromosome width {width:.2f} px is too small to use; pass a numeric scale instead"
         )
     return float(reference / width)
+
+
+def parse_scale(value: str | float | None, default: float | str = 1.0) -> float | str:
+    """A user's scale: a number > 0 (as text or a number) or ``auto``; None or "" gives `default`."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise ScaleError(f"scale must be a number > 0 or 'auto', got {value!r}") from None
+    if not np.isfinite(scale) or scale <= 0:
+        raise ScaleError(f"scale must be > 0, got {value}; use 0.5 for images at twice the 88 x 88 scale")
+    return scale
+
+
+def image_scales(images: list[np.ndarray], scale: float | str, names: list[str] | None = None) -> list[float]:
+    """One resize factor per image: `scale` itself, or with ``auto`` each image's measured one.
+
+    Raises ScaleError naming the image (`names[i]`, else its index) that cannot be measured.
+    """
+    if scale != AUTO:
+        return [float(scale)] * len(images)
+    out = []
+    for i, im in enumerate(images):
+        try:
+            out.append(auto_scale(im))
+        except ScaleError as exc:
+            raise ScaleError(f"{names[i] if names else f'image {i}'}: {exc}") from None
+    return out
+
+
+def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def resize(image: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """(H, W) uint8 or float32 -> `shape` (rows, cols); bilinear for images, nearest for label maps."""
+    from PIL import Image
+
+    if image.shape == shape:
+        return image
+    method = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), method))
