@@ -1,5 +1,6 @@
 """Image scale from the grey image alone: how far to resize an image so its chromosomes are as wide as
-the training images' (`chromoseg predict --scale auto`, `evaluate-external --width-from image`).
+the training images' (`chromoseg predict --scale auto`, the server's `scale` param "auto",
+`evaluate-external --width-from image`).
 
 The network was trained at the 88 x 88 LowRes scale. Real microscope crops come at other scales (the
 real-dev images are about twice as large), and an unlabelled image has no polygons to measure. Here
@@ -11,8 +12,8 @@ same measurement on the default synthetic set, so the estimator's own biases (th
 wider ridge at a crossing) cancel.
 
 Accuracy (BENCHMARKS E27): on the synthetic test split the measurement divided by the label width
-has a spread (sd) of 7 %; on the ten real-dev images the scale is within -20 % / +7 % of the one
-derived from the hand-drawn polygons (median 0 %).
+has a spread (sd) of 7 %; on the ten real-dev images the scale is within -21 % / +6 % of the one
+derived from the hand-drawn polygons (median -1 %).
 """
 
 from __future__ import annotations
