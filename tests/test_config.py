@@ -98,4 +98,6 @@ def test_register_metric_by_mode():
         params_from_dict({"register": {"metric": "dice_a"}})
     with pytest.raises(ConfigError, match=r"register.real_tolerance must be in \[0, 1\)"):
         params_from_dict({"register": {"real_tolerance": -0.1}})
+    with pytest.raises(ConfigError, match=r"register.min_gain must be in \[0, 1\)"):
+        params_from_dict({"register": {"min_gain": 1.5}})
     assert params_from_dict({}).register.real_labelme == ""  # the real-image gate is opt-in

@@ -163,6 +163,10 @@ def test_promotion_rule():
     # ... unless the drop is within the tolerance; a real-image gain never promotes on its own.
     assert promotion(_Side(0.99, real=0.80), _Side(0.98, real=0.85), 0.06)[0] is True
     assert promotion(_Side(0.97, real=0.95), _Side(0.98, real=0.85), 0.0)[0] is False
+    # min_gain: a gain at or below it keeps the champion, and says by how much it beat it.
+    ok, why = promotion(_Side(0.9841), _Side(0.9840), 0.0, min_gain=0.0005)
+    assert ok is False and "by 0.0001" in why and "min_gain 0.0005" in why
+    assert promotion(_Side(0.9850), _Side(0.9840), 0.0, min_gain=0.0005)[0] is True
 
 
 def write_labelme_pairs(folder, images, labels4) -> None:

@@ -153,13 +153,19 @@ class _Side:
         self.real = real
 
 
-def promotion(new: _Side, champ: _Side | None, tolerance: float) -> tuple[bool, str]:
+def promotion(new: _Side, champ: _Side | None, tolerance: float, min_gain: float = 0.0) -> tuple[bool, str]:
     """(promote?, why). Promote when there is no champion, or the candidate beats it on the test
-    split and, with a real-image gate, does not fall more than `tolerance` below it on real images."""
+    split by more than `min_gain` and, with a real-image gate, does not fall more than `tolerance`
+    below it on real images."""
     if champ is None:
         return True, "there was no champion"
     if not new.score > champ.score:
         return False, "it does not beat the champion on the test split"
+    if not new.score > champ.score + min_gain:
+        return False, (
+            f"it beats the champion on the test split by {new.score - champ.score:.4f}, "
+            f"not by more than min_gain {min_gain:g}"
+        )
     if new.real is not None and champ.real is not None and new.real < champ.real - tolerance:
         return False, (
             f"it beats the champion on the test split but scores lower on the real images "
@@ -257,6 +263,7 @@ def run_register(params: Params) -> dict:
         _Side(new_score, new_real),
         None if champ is None else _Side(champ_score, champ_real),
         cfg.real_tolerance,
+        cfg.min_gain,
     )
     if champ is None:
         verdict = f"v{mv.version} ({kind} {new_score:.4f}) becomes {cfg.alias}: {why}"
@@ -285,6 +292,7 @@ def run_register(params: Params) -> dict:
         "champion_version_before": int(champ_version) if champ_version else None,
         "real_set": None if real is None else {"dir": real["dir"], "n_images": real["n"]},
         "real_tolerance": cfg.real_tolerance if real is not None else None,
+        "min_gain": cfg.min_gain,
         "candidate_real_score": new_real,
         "champion_real_score": champ_real,
         "verdict": verdict,
