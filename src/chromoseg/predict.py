@@ -248,6 +248,7 @@ def predict_files(
     arrays = [load_image(p) for p in images]
     # Before the model loads: a bad scale or an image without chromosomes fails fast.
     scales = image_scales(arrays, scale, [str(p) for p in images])
+    scale_from = "image" if parse_scale(scale) == AUTO else "given"
     runner: LocalModel | RemoteModel = RemoteModel(url) if url else LocalModel(model)  # type: ignore[arg-type]
     results = run_model(runner, arrays, scales)
     summaries = []
@@ -261,7 +262,7 @@ def predict_files(
         else:
             stems[stem] = 0
         info = summary(res, str(path), runner.uri, round(used, 4))
-        info["scale_from"] = "image" if parse_scale(scale) == AUTO else "given"
+        info["scale_from"] = scale_from
         write_outputs(out_dir, stem, image, res, info)
         log.info(
             "%s: A %d px, B %d px, overlap %d px (%.1f%%)",

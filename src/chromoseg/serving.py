@@ -15,10 +15,11 @@ says otherwise. The network works at the 88 x 88 LowRes scale: images at another
 by the request's ``params={"scale": "0.5"}`` (a number as text, or ``"auto"``: measured on each image,
 `chromoseg.data.scale`), else by ``CHROMOSEG_SCALE`` or ``model_config={"scale": ...}`` (default 1,
 no resizing); the outputs come back at each input's size. Images are grouped by size, padded to what
-the network needs, batched, and cropped back. Output: a dict of ``labels`` (the model's label space), ``mask_a`` and
-``mask_b`` (each chromosome including the overlap) and ``overlap``, each uint8: an (N, H, W) array
-when all images have one size, else a list of N (H_i, W_i) arrays. Through the scoring server both
-become ``{"predictions": {"labels": [image_0, ...], ...}}`` with each image a nested list of ints.
+the network needs, batched, and cropped back. Output: a dict of ``labels`` (the model's label
+space), ``mask_a`` and ``mask_b`` (each chromosome including the overlap) and ``overlap``, each
+uint8: an (N, H, W) array when all images have one size, else a list of N (H_i, W_i) arrays.
+Through the scoring server both become ``{"predictions": {"labels": [image_0, ...], ...}}`` with
+each image a nested list of ints.
 
 Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``: HTTP 400 with a short message.
 """

@@ -48,6 +48,11 @@ def polygon_mask(points: Polygon, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(img) > 0
 
 
+def border_pixels(image: np.ndarray) -> np.ndarray:
+    """The outermost rows and columns of an (H, W) image, flattened (for its background level)."""
+    return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+
+
 def estimate_width(mask: np.ndarray) -> float:
     """Chromosome width in px of an (H, W) bool mask: twice the mean medial-axis distance, minus 1.
 
@@ -166,7 +171,7 @@ def to_lowres(
     half = size / 2.0 / scale
     # Pad so that the crop box always lies inside the image (background is ~0 in real data).
     pad = int(np.ceil(half)) + 2
-    bg = int(np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])))
+    bg = int(np.median(border_pixels(image)))
     padded = np.pad(image, pad, mode="constant", constant_values=bg)
     box = (cx - half + pad, cy - half + pad, cx + half + pad, cy + half + pad)
     grey = Image.fromarray(padded).resize((size, size), Image.Resampling.BILINEAR, box=box)

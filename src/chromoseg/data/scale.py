@@ -21,14 +21,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from chromoseg.data.labelme import estimate_width
+from chromoseg.data.labelme import border_pixels, estimate_width
 
 # Median `image_width` of the default synthetic set (`chromoseg synth`, 2,487 test-split images at
 # 2026-12-05; tests/test_scale.py checks it against the generator). Its label width median is 11.3 px.
 REFERENCE_WIDTH = 10.2
 MIN_COMPONENT = 0.1  # components smaller than this fraction of the largest are not chromosomes
-
-
 AUTO = "auto"  # a scale measured on each image (`parse_scale`)
 
 
@@ -46,8 +44,7 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
     if g.size == 0 or float(g.max()) - float(g.min()) < 1e-6:
         raise ScaleError("the image is uniform (no contrast), so no chromosome width can be measured")
     t = threshold_otsu(g)
-    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
-    fg = g <= t if np.median(border) > t else g > t
+    fg = g <= t if np.median(border_pixels(g)) > t else g > t
     lab, n = ndi.label(fg)
     if n > 1:
         sizes = ndi.sum(fg, lab, range(1, n + 1))
