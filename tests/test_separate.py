@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chromoseg.labels import combine_labels, instances_to_labels4, labels_to_instances
-from chromoseg.separate import cut_arms, drop_small_overlaps, separate_instances
+from chromoseg.separate import cut_arms, drop_one_sided_overlaps, drop_small_overlaps, separate_instances
 
 SHAPE = (48, 48)
 
@@ -201,3 +201,74 @@ def test_postprocess_uses_the_model_split_and_cleans_it_like_the_combined_labels
     # Without a split from the model, geometry separates the same label map.
     geo = postprocess(lab3[None], True)
     np.testing.assert_array_equal(geo["labels"], out["labels"])
+
+
+def touching_pair_with_false_overlap() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two parallel bars that touch (no true overlap); a 16x8 patch of the right one labelled
+    overlap, as the network does with the brighter chromosome of a touching pair (real-dev
+    `grey0084560`: 81-139 px bordering one chromosome only). Too large for a speck (0.25 w^2 = 100 px;
+    the touching pair's blob is 20 px wide)."""
+    a, b = bar(4, 44, 12, 22), bar(4, 44, 22, 32)
+    lab4 = instances_to_labels4(a, b)
+    lab4[14:30, 24:32] = 3
+    return a, b, lab4
+
+
+def test_overlap_that_borders_one_chromosome_goes_to_it() -> None:
+    a, b, lab4 = touching_pair_with_false_overlap()
+    out = drop_one_sided_overlaps(lab4)
+    np.testing.assert_array_equal(out, instances_to_labels4(a, b))
+    assert lab4[20, 24] == 3  # the input is not modified
+    # On the seam, touching A along 4 px (2 + 2 diagonal), under 0.25 w: still one-sided.
+    seam = instances_to_labels4(a, b)
+    seam[20:22, 22:28] = 3
+    np.testing.assert_array_equal(drop_one_sided_overlaps(seam[None])[0], instances_to_labels4(a, b))
+
+
+def test_a_crossing_overlap_borders_both_and_is_kept() -> None:
+    for a, b in [
+        (thick_line((6, 6), (42, 40), 3.2), thick_line((8, 42), (40, 5), 3.2)),  # X
+        (bar(4, 44, 21, 27), bar(20, 26, 4, 44)),  # +
+        (bar(4, 44, 21, 27), bar(20, 26, 4, 27)),  # T: B ends on A
+    ]:
+        lab4 = instances_to_labels4(a, b)
+        assert (lab4 == 3).any()
+        np.testing.assert_array_equal(drop_one_sided_overlaps(lab4), lab4)
+
+
+def test_overlap_without_contact_goes_to_the_nearer_chromosome() -> None:
+    a, b = bar(4, 44, 4, 10), bar(4, 44, 30, 36)
+    lab4 = instances_to_labels4(a, b)
+    lab4[20:24, 24:28] = 3  # floating between them, nearer B
+    out = drop_one_sided_overlaps(lab4)
+    assert (out[20:24, 24:28] == 2).all() and not (out == 3).any()
+    # Nothing to give it to: left as it is.
+    only = np.zeros(SHAPE, np.uint8)
+    only[20:24, 24:28] = 3
+    np.testing.assert_array_equal(drop_one_sided_overlaps(only), only)
+
+
+def test_generated_and_real_truth_overlaps_are_all_kept(small_synth, real_dev_dir) -> None:
+    from chromoseg.data.labelme import load_labelme_dir
+
+    labels = small_synth[1]
+    labels = np.where(labels > 3, 0, labels).astype(np.uint8)  # the generator's noisy values
+    assert sum((lab == 3).any() for lab in labels) > 40
+    np.testing.assert_array_equal(drop_one_sided_overlaps(labels), labels)
+    _, real4, _, _ = load_labelme_dir(real_dev_dir)
+    assert sum((lab == 3).sum() > 50 for lab in real4) >= 6
+    np.testing.assert_array_equal(drop_one_sided_overlaps(real4), real4)
+
+
+def test_postprocess_gives_one_sided_overlap_to_its_chromosome() -> None:
+    from chromoseg.serving import postprocess
+
+    a, b, lab4 = touching_pair_with_false_overlap()
+    for labels4 in (lab4[None], None):  # the model's A/B split; geometry (the combined map only)
+        out = postprocess(combine_labels(lab4)[None], True, labels4=labels4)
+        if labels4 is not None:
+            assert (out["mask_a"][0] == a).all() and (out["mask_b"][0] == b).all()
+            np.testing.assert_array_equal(out["labels"][0], combine_labels(instances_to_labels4(a, b)))
+        assert not out["overlap"].any() and not (out["labels"] == 2).any()
+    out = postprocess(lab4[None], False)
+    np.testing.assert_array_equal(out["labels"][0], instances_to_labels4(a, b))

@@ -247,10 +247,11 @@ def postprocess(
     Combined labels are split into chromosomes A and B by `labels4` when the model gives them (its
     A/B head, `Predictor.predict_segmentation`), else by geometry (`separate.separate_instances`).
     Overlap specks too small to be a crossing are relabelled first (`separate.drop_small_overlaps`),
+    then overlap that borders only one of the two chromosomes (`separate.drop_one_sided_overlaps`),
     so the returned label map is the cleaned one.
     """
     from chromoseg.labels import combine_labels, labels_to_instances
-    from chromoseg.separate import drop_small_overlaps, separate_instances
+    from chromoseg.separate import drop_one_sided_overlaps, drop_small_overlaps, separate_instances
 
     if combine_label and labels4 is not None:
         # Specks go to the nearer of A and B, then A and B are merged back: the same label map as
@@ -260,6 +261,10 @@ def postprocess(
     else:
         labels = drop_small_overlaps(labels, combine_label)
         labels4 = separate_instances(labels, images) if combine_label else labels
+    cleaned4 = drop_one_sided_overlaps(labels4)
+    # Combined: only the overlap pixels given to a chromosome change in the label map.
+    labels = np.where((labels4 == 3) & (cleaned4 != 3), 1, labels) if combine_label else cleaned4
+    labels4 = cleaned4
     a, b, ov = labels_to_instances(labels4)
     return {
         "labels": labels.astype(np.uint8),
