@@ -260,7 +260,7 @@ def test_register_real_image_gate(project):
         cwd=proj, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "--width-from must be one of labels, image" in bad.stderr
-    promote = reg["candidate_score"] > reg["champion_score"] and (
+    promote = reg["candidate_score"] > reg["champion_score"] + reg["min_gain"] and (
         reg["candidate_real_score"] >= reg["champion_real_score"] - reg["real_tolerance"]
     )
     assert reg["promoted"] is promote and "5 real images" in reg["verdict"]

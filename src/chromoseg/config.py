@@ -152,8 +152,9 @@ class RegisterConfig:
     real_labelme: str = ""
     real_tolerance: float = 0.0
     # The candidate must beat the champion's `metric` on the test split by more than this; 0 promotes
-    # on any gain. Retraining the default with another seed moved test dice by 0.0001 (BENCHMARKS E24).
-    min_gain: float = 0.0
+    # on any gain. Retraining the default with another seed moved test dice by 0.0001 and the 4-class
+    # permutation-invariant dice by 0.0009 (BENCHMARKS E24).
+    min_gain: float = 0.001
     out: str = "metrics/register.json"
 
 
