@@ -267,6 +267,17 @@ def test_params_bad_choice(project):
     )
 
 
+def test_params_architecture_that_cannot_be_built(project):
+    """An smp architecture at a depth it cannot do stops training before anything is written."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(arch="FPN", full_res_channels=0, global_context=0)  # encoder_depth stays 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    run_and_check(
+        project, ["train"], "train.arch 'FPN' with train.encoder_depth 3", "use encoder_depth 5 for FPN",
+        changed=("params.yaml",),
+    )  # fmt: skip
+
+
 # --- later stages and the registry ----------------------------------------------------------------
 
 

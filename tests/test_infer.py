@@ -368,3 +368,28 @@ def test_decide_ab_weighs_overlap_against_a_and_b_together() -> None:
     np.testing.assert_array_equal(labels4[0, 0], [1, 3, 0, 2])
     np.testing.assert_array_equal(choice[0, 0], [1, 2, 1, 2])
     assert logits.argmax(1)[0, 0, 0] == 3  # where a plain argmax differs
+
+
+@pytest.mark.parametrize(
+    ("arch", "depth"), [("FPN", 5), ("PSPNet", 3), ("DeepLabV3Plus", 3), ("Linknet", 3), ("PAN", 3)]
+)
+def test_other_architectures_give_full_size_logits(arch: str, depth: int) -> None:
+    from dataclasses import replace
+
+    cfg = replace(TINY, arch=arch, encoder_depth=depth, full_res_channels=0, global_context=0)
+    torch.manual_seed(0)
+    net = build_model(cfg, 3).eval()
+    images = np.random.default_rng(2).random((2, 37, 50), dtype=np.float32)
+    logits = Predictor(net, cfg, 3, FP32, backend="torch").predict_logits(images)
+    assert logits.shape == (2, 3, 37, 50) and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(("arch", "depth"), [("FPN", 3), ("PSPNet", 5), ("PAN", 5)])
+def test_architecture_at_a_depth_smp_cannot_do_is_a_config_error(arch: str, depth: int) -> None:
+    from dataclasses import replace
+
+    from chromoseg.config import ConfigError
+
+    cfg = replace(TINY, arch=arch, encoder_depth=depth, full_res_channels=0, global_context=0)
+    with pytest.raises(ConfigError, match=rf"train.arch '{arch}' with train.encoder_depth {depth} gives"):
+        build_model(cfg, 3)

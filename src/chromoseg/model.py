@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from chromoseg.config import TrainConfig
+from chromoseg.config import ConfigError, TrainConfig
 from chromoseg.losses import merge_ab_logits
 
 log = logging.getLogger(__name__)
@@ -35,41 +35,77 @@ def _build_net(cfg: TrainConfig, n_classes: int) -> torch.nn.Module:
     import segmentation_models_pytorch as smp
 
     if cfg.arch not in ARCHS:
-        raise ValueError(f"train.arch {cfg.arch!r} is not supported; choose one of {list(ARCHS)}")
+        raise ConfigError(f"train.arch {cfg.arch!r} is not supported; choose one of {list(ARCHS)}")
     kwargs: dict[str, Any] = {
         "encoder_name": cfg.encoder,
         "encoder_weights": None,
         "in_channels": 1,
         "classes": n_classes,
+        # Every architecture gets the depth: the unused stages are deleted below, and the input is
+        # padded to 2 ** depth (`input_multiple`).
+        "encoder_depth": cfg.encoder_depth,
     }
     if cfg.arch in ("Unet", "UnetPlusPlus", "MAnet"):
         if len(cfg.decoder_channels) != cfg.encoder_depth:
-            raise ValueError(
+            raise ConfigError(
                 f"train.decoder_channels has {len(cfg.decoder_channels)} values but train.encoder_depth "
                 f"is {cfg.encoder_depth}; give one decoder width per encoder stage"
             )
-        kwargs["encoder_depth"] = cfg.encoder_depth
         kwargs["decoder_channels"] = list(cfg.decoder_channels)
     if cfg.full_res_channels and cfg.arch not in ("Unet", "UnetPlusPlus", "MAnet"):
-        raise ValueError(
+        raise ConfigError(
             f"train.full_res_channels needs a decoder that ends at full resolution (Unet, UnetPlusPlus, "
             f"MAnet), not {cfg.arch!r}; set it to 0"
         )
     try:
         base = smp.create_model(cfg.arch, **kwargs)
     except KeyError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"train.encoder {cfg.encoder!r} is not an smp encoder ({exc}); "
             "see segmentation_models_pytorch.encoders.get_encoder_names()"
         ) from exc
+    except (ValueError, AssertionError, AttributeError) as exc:
+        raise ConfigError(
+            f"train.arch {cfg.arch!r} cannot be built with train.encoder_depth {cfg.encoder_depth} "
+            f"and encoder {cfg.encoder!r} ({exc}); try another depth (FPN, DeepLabV3, DeepLabV3Plus, "
+            "Linknet and PAN are smp's depth-5 designs)"
+        ) from exc
     drop_unused_stages(base.encoder, cfg.encoder_depth)
+    if cfg.arch not in ("Unet", "UnetPlusPlus", "MAnet"):
+        _check_output_size(base, cfg)
     if cfg.global_context and not cfg.full_res_channels:
-        raise ValueError(
+        raise ConfigError(
             "train.global_context modulates the full-resolution head; set train.full_res_channels > 0"
         )
     if not cfg.full_res_channels:
         return base
     return FullResUnet(base, cfg.full_res_channels, n_classes, cfg.global_context)
+
+
+def _check_output_size(net: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Raise a clear error if `net` does not give full-size logits for a padded 88 px image.
+
+    smp's FPN, PSPNet and PAN fix their upsampling for one encoder depth, so at another depth they
+    give logits of the wrong size, or fail on a small input. One eval-mode forward, no state changed.
+    """
+    m = input_multiple(cfg)
+    side = -(-88 // m) * m
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(1, 1, side, side))
+        got = f"{out.shape[-2]}x{out.shape[-1]}"
+    except RuntimeError as exc:
+        got = f"an error ({str(exc).splitlines()[0][:120]})"
+    finally:
+        net.train(was_training)
+    if got != f"{side}x{side}":
+        raise ConfigError(
+            f"train.arch {cfg.arch!r} with train.encoder_depth {cfg.encoder_depth} gives {got} for a "
+            f"{side}x{side} input, not full-size logits; use encoder_depth 5 for FPN, 3 for PSPNet and "
+            "PAN (smp fixes their upsampling for one depth), or a U-Net"
+        )
 
 
 def drop_unused_stages(encoder: torch.nn.Module, depth: int) -> None:
