@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # smp architectures that accept encoder_depth/decoder_channels the U-Net way.
 ARCHS = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN")
+# Those whose decoder takes one width per stage and ends at full resolution.
+UNET_LIKE = ("Unet", "UnetPlusPlus", "MAnet")
 
 
 def build_model(cfg: TrainConfig, n_classes: int) -> torch.nn.Module:
@@ -45,14 +47,14 @@ def _build_net(cfg: TrainConfig, n_classes: int) -> torch.nn.Module:
         # padded to 2 ** depth (`input_multiple`).
         "encoder_depth": cfg.encoder_depth,
     }
-    if cfg.arch in ("Unet", "UnetPlusPlus", "MAnet"):
+    if cfg.arch in UNET_LIKE:
         if len(cfg.decoder_channels) != cfg.encoder_depth:
             raise ConfigError(
                 f"train.decoder_channels has {len(cfg.decoder_channels)} values but train.encoder_depth "
                 f"is {cfg.encoder_depth}; give one decoder width per encoder stage"
             )
         kwargs["decoder_channels"] = list(cfg.decoder_channels)
-    if cfg.full_res_channels and cfg.arch not in ("Unet", "UnetPlusPlus", "MAnet"):
+    if cfg.full_res_channels and cfg.arch not in UNET_LIKE:
         raise ConfigError(
             f"train.full_res_channels needs a decoder that ends at full resolution (Unet, UnetPlusPlus, "
             f"MAnet), not {cfg.arch!r}; set it to 0"
@@ -67,11 +69,10 @@ def _build_net(cfg: TrainConfig, n_classes: int) -> torch.nn.Module:
     except (ValueError, AssertionError, AttributeError) as exc:
         raise ConfigError(
             f"train.arch {cfg.arch!r} cannot be built with train.encoder_depth {cfg.encoder_depth} "
-            f"and encoder {cfg.encoder!r} ({exc}); try another depth (FPN, DeepLabV3, DeepLabV3Plus, "
-            "Linknet and PAN are smp's depth-5 designs)"
+            f"and encoder {cfg.encoder!r} ({exc}); try another train.encoder_depth or train.arch"
         ) from exc
     drop_unused_stages(base.encoder, cfg.encoder_depth)
-    if cfg.arch not in ("Unet", "UnetPlusPlus", "MAnet"):
+    if cfg.arch not in UNET_LIKE:
         _check_output_size(base, cfg)
     if cfg.global_context and not cfg.full_res_channels:
         raise ConfigError(
