@@ -248,13 +248,16 @@ def test_overlap_without_contact_goes_to_the_nearer_chromosome() -> None:
     np.testing.assert_array_equal(drop_one_sided_overlaps(only), only)
 
 
-def test_generated_and_real_truth_overlaps_are_all_kept(small_synth, real_dev_dir) -> None:
-    from chromoseg.data.labelme import load_labelme_dir
-
+def test_generated_truth_overlaps_are_all_kept(small_synth) -> None:
     labels = small_synth[1]
     labels = np.where(labels > 3, 0, labels).astype(np.uint8)  # the generator's noisy values
     assert sum((lab == 3).any() for lab in labels) > 40
     np.testing.assert_array_equal(drop_one_sided_overlaps(labels), labels)
+
+
+def test_real_dev_truth_overlaps_are_all_kept(real_dev_dir) -> None:
+    from chromoseg.data.labelme import load_labelme_dir
+
     _, real4, _, _ = load_labelme_dir(real_dev_dir)
     assert sum((lab == 3).sum() > 50 for lab in real4) >= 6
     np.testing.assert_array_equal(drop_one_sided_overlaps(real4), real4)
