@@ -95,21 +95,21 @@ def drop_one_sided_overlaps(labels4: np.ndarray, min_rel: float = MIN_CONTACT_RE
         a_only, b_only = lab == 1, lab == 2
         if not ov.any() or not (a_only.any() or b_only.any()):
             continue
+        min_contact = min_rel * estimate_width(lab > 0)
         comps, n = ndi.label(ov, structure=_EIGHT)
-        width = None
         for c in range(1, n + 1):
             comp = comps == c
             ring = ndi.binary_dilation(comp, _EIGHT) & ~comp
             na, nb = int((ring & a_only).sum()), int((ring & b_only).sum())
-            if width is None:
-                width = estimate_width(lab > 0)
-            if min(na, nb) >= min_rel * width:
+            if min(na, nb) >= min_contact:
                 continue
-            if na == nb:  # no contact with either (or equal): the nearer chromosome
+            if na != nb:
+                to_a = na > nb
+            else:  # no contact with either (or as much with both): the nearer chromosome
                 da = ndi.distance_transform_edt(~a_only)[comp].min() if a_only.any() else np.inf
                 db = ndi.distance_transform_edt(~b_only)[comp].min() if b_only.any() else np.inf
-                na, nb = db, da
-            lab[comp] = 1 if na > nb else 2
+                to_a = da < db
+            lab[comp] = 1 if to_a else 2
     return out
 
 
