@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -75,6 +76,26 @@ def run_guarded(fn, *args, **kwargs):
         fail(str(exc))
 
 
+# Wall time of each stage's last run, for `chromoseg summary` (not a DVC output: timings vary).
+STAGE_TIMES = Path(".chromoseg/stage_times.json")
+
+
+def run_stage(name: str, fn, params: Params):
+    """Run a pipeline stage under `run_guarded`; log its wall time and record it in STAGE_TIMES."""
+    t0 = time.perf_counter()
+    result = run_guarded(fn, params)
+    seconds = round(time.perf_counter() - t0, 1)
+    log.info("stage %s done in %.1f s", name, seconds)
+    try:
+        times = json.loads(STAGE_TIMES.read_text()) if STAGE_TIMES.is_file() else {}
+    except (OSError, ValueError):
+        times = {}
+    times[name] = seconds
+    STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
+    STAGE_TIMES.write_text(json.dumps(times, indent=1) + "\n")
+    return result
+
+
 @app.command()
 def synth(
     params: ParamsOpt = Path("params.yaml"),
@@ -93,7 +114,7 @@ def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
     """Stage 1: validate labels, combine classes, split into train/val/test."""
     from chromoseg.prepare import run_prepare
 
-    run_guarded(run_prepare, _params(params))
+    run_stage("prepare", run_prepare, _params(params))
 
 
 @app.command()
@@ -102,7 +123,7 @@ def train(params: ParamsOpt = Path("params.yaml")) -> None:
     from chromoseg.train import TrainingInterruptedError, run_train
 
     try:
-        run_guarded(run_train, _params(params))
+        run_stage("train", run_train, _params(params))
     except TrainingInterruptedError as exc:
         fail(str(exc), code=128 + exc.signum)
 
@@ -112,7 +133,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Stage 3: score the trained model on the test split; metrics, plots, overlays."""
     from chromoseg.evaluate import run_evaluate
 
-    run_guarded(run_evaluate, _params(params))
+    run_stage("evaluate", run_evaluate, _params(params))
 
 
 @app.command()
@@ -120,7 +141,7 @@ def register(params: ParamsOpt = Path("params.yaml")) -> None:
     """Stage 4: register the model and move the champion alias if it wins on the test split."""
     from chromoseg.registry import run_register
 
-    run_guarded(run_register, _params(params))
+    run_stage("register", run_register, _params(params))
 
 
 @app.command()
@@ -325,6 +346,13 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
         f" at epoch {tr['best_epoch'] + 1}, {tr['precision']}",
         f"  registry                    {reg['verdict']}",
     ]
+    if STAGE_TIMES.is_file():
+        times = json.loads(STAGE_TIMES.read_text())
+        stages = ("prepare", "train", "evaluate", "register")
+        out.append(
+            "  stage wall times (last run)  "
+            + ", ".join(f"{k} {times[k]:.0f} s" for k in stages if k in times)
+        )
     typer.echo("\n".join(out))
 
 

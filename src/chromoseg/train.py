@@ -384,10 +384,12 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
                 "epoch": epoch,
                 "state": {k: v.detach().cpu().clone() for k, v in ema.target(net).state_dict().items()},
             }
+        elapsed = time.perf_counter() - t_start
+        done = epoch + 1 - start_epoch
         log.info(
-            "epoch %d/%d loss %.4f val dice %.4f overlap IoU %.4f (%.1f img/s)",
+            "epoch %d/%d loss %.4f val dice %.4f overlap IoU %.4f (%.1f img/s), elapsed %s, ETA %s",
             epoch + 1, cfg.epochs, row["train_loss"], row["val_dice"], row["val_iou_overlap"],
-            row["train_img_per_s"],
+            row["train_img_per_s"], clock(elapsed), clock(elapsed / done * (cfg.epochs - epoch - 1)),
         )  # fmt: skip
         _atomic_torch_save(
             {
@@ -448,6 +450,13 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         select_by, best["dice"], best["epoch"] + 1, model_info.model_uri,
     )  # fmt: skip
     return summary
+
+
+def clock(seconds: float) -> str:
+    """Seconds as `m:ss` (or `h:mm:ss`), for progress lines."""
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
 
 def write_history(path: str | Path, history: list[dict]) -> None:
