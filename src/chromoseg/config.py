@@ -97,6 +97,8 @@ class TrainConfig:
     class_weights_combined: tuple[float, ...] = (0.1, 1.0, 10.0)
     class_weights_4: tuple[float, ...] = (0.1, 1.0, 1.0, 10.0)
     augment: bool = True
+    # Train on a window of this many pixels around each pair instead of the whole image (0: off).
+    crop: int = 0
     # Probability of a random affine warp (rotation, scale, shift) when augmenting. It resamples the
     # image bilinearly and the label by nearest neighbour, which moves the label up to half a pixel
     # off the image's edge; the synthetic default already varies pose and scale exactly.
@@ -303,6 +305,11 @@ def _validate(p: Params) -> None:
     for key in ("affine_p", "chromosome_grey_p"):
         if not 0.0 <= getattr(p.train, key) <= 1.0:
             raise ConfigError(f"train.{key} is a probability, in [0, 1]; got {getattr(p.train, key)}")
+    if p.train.crop and (p.train.crop < 16 or p.train.crop % input_multiple_of(p.train)):
+        raise ConfigError(
+            f"train.crop must be 0 (off) or a multiple of {input_multiple_of(p.train)} (2 ** encoder_depth) "
+            f"of at least 16, got {p.train.crop}"
+        )
     if p.synth.n_images < 1:
         raise ConfigError(f"synth.n_images must be >= 1, got {p.synth.n_images}")
     if p.combine_label and p.register.metric in ("dice_pi", "dice_combined"):
@@ -314,6 +321,11 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"register.real_tolerance must be in [0, 1), got {p.register.real_tolerance}")
     if not 0.0 <= p.register.min_gain < 1.0:
         raise ConfigError(f"register.min_gain must be in [0, 1), got {p.register.min_gain}")
+
+
+def input_multiple_of(cfg: TrainConfig) -> int:
+    """Network input sides must be divisible by this (2 ** encoder depth)."""
+    return 2**cfg.encoder_depth
 
 
 def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from chromoseg.config import ConfigError, TrainConfig
+from chromoseg.config import ConfigError, TrainConfig, input_multiple_of
 from chromoseg.losses import merge_ab_logits
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ class MergeAB(torch.nn.Module):
 
 def input_multiple(cfg: TrainConfig) -> int:
     """Height and width must be divisible by this (2 ** encoder depth)."""
-    return 2**cfg.encoder_depth
+    return input_multiple_of(cfg)
 
 
 @dataclass(frozen=True)
