@@ -373,6 +373,8 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
             out.append(f"  {name:<28}{ev[key]:.4f}")
     if "iou_chromosomes_pi" in ev:
         out.append(f"  chromosomes IoU (A/B PI)    {ev['iou_chromosomes_pi']:.4f}")
+    if "instances_connected" in ev:
+        out.append(f"  A and B each one region     {ev['instances_connected']:.4f} of images")
     out += [
         "  per-class IoU               " + ", ".join(f"{k} {v:.4f}" for k, v in ev["iou_per_class"].items()),
         f"  training                    {tr['train_seconds']} s, best val dice {tr['best_val_dice']:.4f}"
