@@ -18,7 +18,7 @@ import numpy as np
 from chromoseg.config import Params, class_names
 from chromoseg.fsutil import atomic_path, write_json
 from chromoseg.labels import instances_to_labels4
-from chromoseg.metrics import SegmentationMetrics, per_image_dice, permutation_invariant
+from chromoseg.metrics import SegmentationMetrics, instances_connected, per_image_dice, permutation_invariant
 from chromoseg.prepare import load_split
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def score(
     separation: str = "geometry",
 ) -> tuple[dict, np.ndarray]:
     """Metrics for predicted labels; `pred4` (4-class from instances) adds the PI chromosome scores,
-    recorded as found by `separation` (`geometry` or the model's `ab_head`).
+    recorded as found by `separation` (`geometry` or the model's `ab_head`), and `instances_connected`.
 
     Returns (metrics dict, per-image confusions in the model's label space).
     """
@@ -52,6 +52,8 @@ def score(
         pi = permutation_invariant(sep.per_image)
         out.update({k: v for k, v in pi.items() if k.startswith("iou_chromosome")})
         out["separation"] = separation
+    if pred4 is not None:
+        out["instances_connected"] = float(instances_connected(pred4).mean())
     return out, conf
 
 

@@ -177,8 +177,11 @@ def read_kaggle(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, s
 
 def import_kaggle(src: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
     """Copy a Kaggle file into data/raw/ as `dataset_1` (atomic; nothing is written on any error)."""
+    from chromoseg.data.validate import check_dataset
+
     s = Path(src)
     images, labels, key = read_kaggle(s)
+    check_dataset(str(s), images, labels)
     path = Path(out) if out is not None else Path("data/raw") / f"{s.stem}.h5"
     if path.exists() and path.resolve() == s.resolve():
         raise DataError(f"{path}: output is the input file; pass a different --out")

@@ -222,6 +222,8 @@ def write_report(
 ) -> Path:
     """Write `dataset_card.md`, `dataset_stats.json` and PNGs into `out_dir`; return the card path."""
     ds = read_dataset(raw)
+    # Both inputs are read before anything is written: a bad folder leaves no partial report.
+    real = None if real_dev is None else load_labelme_dir(real_dev, target_width)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     idx = _sample(len(ds), n_stats)
@@ -229,8 +231,8 @@ def write_report(
     freqs = {"dataset": class_frequencies(ds.labels)}
     sheet_idx = _sample(len(ds), n_sheet)
     Image.fromarray(contact_sheet(ds.images[sheet_idx], ds.labels[sheet_idx])).save(out / "contact_sheet.png")
-    if real_dev is not None:
-        ri, rl, _, _ = load_labelme_dir(real_dev, target_width)
+    if real is not None:
+        ri, rl, _, _ = real
         stats["real-dev"] = dataset_stats(ri, rl)
         freqs["real-dev"] = class_frequencies(rl)
         Image.fromarray(contact_sheet(ri, rl)).save(out / "contact_sheet_real_dev.png")
