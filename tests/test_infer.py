@@ -106,9 +106,14 @@ def test_channels_last_and_bf16_stay_close(model: torch.nn.Module) -> None:
     np.testing.assert_allclose(bf.predict_logits(images), ref, atol=0.1 * (1 + np.abs(ref).max()))
 
 
-def test_auto_backend_choice() -> None:
+def test_auto_backend_choice(monkeypatch) -> None:
+    import chromoseg.infer as infer
+
     assert choose_backend(exec_plan("bf16", "on", device="cpu")) == "torch"
-    assert choose_backend(FP32) in ("onnx", "torch")
+    monkeypatch.setattr(infer, "_onnx_available", lambda: True)
+    assert choose_backend(FP32) == "onnx"  # fp32 on CPU: ONNX Runtime where installed
+    monkeypatch.setattr(infer, "_onnx_available", lambda: False)
+    assert choose_backend(FP32) == "torch"
 
 
 def test_concurrent_calls_are_consistent(model: torch.nn.Module) -> None:
@@ -298,8 +303,8 @@ def test_ab_head_splits_the_chromosome_pixels_of_its_own_labels() -> None:
 def test_tta_is_off_by_default_and_commutes_with_rotation(model: torch.nn.Module) -> None:
     images = np.random.default_rng(7).random((2, 30, 70), dtype=np.float32)  # padded to 32 x 96
     plain = Predictor(model, TINY, 3, FP32, backend="torch")
-    assert plain.tta is False and plain.describe()["tta"] == "False"
-    tta = Predictor(model, TINY, 3, FP32, backend="torch", tta=True)
+    assert plain.tta_views == 1 and plain.describe()["tta_views"] == "1"
+    tta = Predictor(model, TINY, 3, FP32, backend="torch", tta_views=8)
     a = tta.predict_logits(images)
     # The average over all 8 views does not depend on how the input was turned.
     turned = tta.predict_logits(np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2))))
@@ -310,7 +315,7 @@ def test_tta_is_off_by_default_and_commutes_with_rotation(model: torch.nn.Module
 
 def test_tta_aligns_chromosome_a_and_b_of_every_view() -> None:
     cfg = TINY
-    pred = Predictor(build_model(cfg, 4), cfg, 4, FP32, backend="torch", tta=True)
+    pred = Predictor(build_model(cfg, 4), cfg, 4, FP32, backend="torch", tta_views=8)
     calls = []
 
     def pointwise(batch: np.ndarray, swap: bool) -> np.ndarray:

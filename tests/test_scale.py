@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from chromoseg import predict as P
-from chromoseg.data.scale import REFERENCE_WIDTH, ScaleError, auto_scale, foreground_mask, image_width
+from chromoseg.data.scale import REFERENCE_WIDTH, ScaleError, auto_scale
+from chromoseg.geometry import foreground_mask, image_width
 
 
 def upscale(image: np.ndarray, factor: float) -> np.ndarray:
@@ -72,7 +73,7 @@ def test_predict_scale_auto(tmp_path: Path, monkeypatch, small_synth) -> None:
     from test_predict import StubModel, write_png
 
     stub = StubModel()
-    monkeypatch.setattr(P, "LocalModel", lambda uri: stub)
+    monkeypatch.setattr(P, "LocalModel", lambda uri, infer=None: stub)
     big = write_png(tmp_path / "big.png", upscale(small_synth[0][3], 2.0))
     small = write_png(tmp_path / "small.png", small_synth[0][3])
     rows = P.predict_files([big, small], tmp_path / "out", model="models:/x@champion", scale="auto")
@@ -87,7 +88,7 @@ def test_predict_scale_auto(tmp_path: Path, monkeypatch, small_synth) -> None:
 def test_predict_scale_errors(tmp_path: Path, monkeypatch) -> None:
     from test_predict import StubModel, write_png
 
-    monkeypatch.setattr(P, "LocalModel", lambda uri: StubModel())
+    monkeypatch.setattr(P, "LocalModel", lambda uri, infer=None: StubModel())
     blank = write_png(tmp_path / "blank.png", np.zeros((40, 40), np.uint8))
     with pytest.raises(P.PredictError, match=r"blank\.png: .*uniform.*--scale"):
         P.predict_files([blank], tmp_path / "out", model="m", scale="auto")

@@ -1,7 +1,7 @@
 """The pyfunc model: input decoding and validation, size grouping, outputs; and the real scoring server.
 
 Unit tests call `ChromosegModel.predict` directly on a tiny random-weight network. The e2e test logs
-that network with `log_pyfunc_model` into a temporary sqlite store, registers it, starts the real
+that network with `mlmodel.log_pyfunc_model` into a temporary sqlite store, registers it, starts the real
 `mlflow models serve` on a free loopback port, checks every JSON input format and every bad input
 (HTTP 400 with a clear message), and that the server and its workers are gone afterwards.
 """
@@ -25,14 +25,13 @@ from PIL import Image
 from chromoseg.config import TrainConfig
 from chromoseg.infer import Predictor
 from chromoseg.model import build_model, exec_plan
+from chromoseg.pipeline import OUTPUT_KEYS, InputError
 from chromoseg.serving import (
-    OUTPUT_KEYS,
     ChromosegModel,
-    InputError,
     decode_png,
     resolve_max_side,
     resolve_scale,
-    resolve_tta,
+    resolve_tta_views,
     split_images,
     to_float_images,
 )
@@ -85,13 +84,12 @@ def test_load_context_reads_checkpoint_and_model_config(tmp_path: Path, monkeypa
     torch.save({**state, "ab_order": "position"}, ck)
     m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={}))
     assert m.ab_order == m.predictor.ab_order == "position"
-    # Test-time augmentation follows the checkpoint's train.tta unless the model config says otherwise.
-    assert m.predictor.tta is False
-    torch.save({**state, "train": {**state["train"], "tta": True}}, ck)
-    m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={}))
-    assert m.predictor.tta is True
-    m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={"tta": False}))
-    assert m.predictor.tta is False
+    # Test-time augmentation: the registered model_config's view count, else the infer default (8);
+    # a checkpoint from before the infer section (its train.tta) is read all the same.
+    assert m.predictor.tta_views == 8
+    torch.save({**state, "train": {**state["train"], "tta": False}}, ck)
+    m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={"tta_views": 2}))
+    assert m.predictor.tta_views == 2
 
 
 def images(n: int, h: int = 88, w: int = 88, seed: int = 0) -> np.ndarray:
@@ -217,16 +215,25 @@ def test_max_side_from_env_and_model_config(monkeypatch) -> None:
         resolve_max_side(None)
 
 
-def test_tta_from_env_model_config_or_checkpoint(monkeypatch) -> None:
+def test_tta_views_from_env_or_model_config(monkeypatch) -> None:
     monkeypatch.delenv("CHROMOSEG_TTA", raising=False)
-    assert resolve_tta(True, None) is True
-    assert resolve_tta(False, None) is False
-    assert resolve_tta(True, {"tta": False}) is False
+    assert resolve_tta_views(8, None) == 8
+    assert resolve_tta_views(8, {"tta_views": 4}) == 4
+    # CHROMOSEG_TTA: 0 turns it off, 1 keeps the configured count, a count replaces it.
+    monkeypatch.setenv("CHROMOSEG_TTA", "0")
+    assert resolve_tta_views(8, {"tta_views": 4}) == 1
     monkeypatch.setenv("CHROMOSEG_TTA", "1")
-    assert resolve_tta(False, {"tta": False}) is True
-    monkeypatch.setenv("CHROMOSEG_TTA", "yes please")
-    with pytest.raises(ValueError, match="CHROMOSEG_TTA"):
-        resolve_tta(True, None)
+    assert resolve_tta_views(8, {"tta_views": 4}) == 4
+    assert resolve_tta_views(8, None) == 8
+    monkeypatch.setenv("CHROMOSEG_TTA", "2")
+    assert resolve_tta_views(8, None) == 2
+    for bad in ("yes please", "3"):
+        monkeypatch.setenv("CHROMOSEG_TTA", bad)
+        with pytest.raises(ValueError, match="CHROMOSEG_TTA must be one of"):
+            resolve_tta_views(8, None)
+    monkeypatch.delenv("CHROMOSEG_TTA")
+    with pytest.raises(ValueError, match="tta_views must be one of"):
+        resolve_tta_views(8, {"tta_views": 5})
 
 
 # ------------------------------------------------------------------------------------- unit: predict
@@ -246,9 +253,11 @@ def test_mixed_sizes_are_grouped_and_keep_their_order(model: ChromosegModel) -> 
     out = model.predict(None, [png_b64(a), png_b64(b), png_b64(c)])
     assert [x.shape for x in out["labels"]] == [(88, 88), (100, 131), (88, 88)]
     check_consistent(out, model.combine_label)
-    # Same result as sending each image alone.
+    # Same result as sending each image alone, up to near-ties: a batch of another size runs other
+    # fp32 kernels, whose last bits can flip a pixel whose A and B logits are equal to ~1e-6.
     for img, got in zip((a, b, c), out["labels"]):
-        np.testing.assert_array_equal(got, model.predict(None, img)["labels"][0])
+        alone = model.predict(None, img)["labels"][0]
+        assert got.shape == alone.shape and (got != alone).mean() < 1e-3
 
 
 def test_predict_rejects_with_mlflow_400(model: ChromosegModel) -> None:
@@ -318,7 +327,7 @@ def test_scoring_server_end_to_end(tmp_path: Path, monkeypatch) -> None:
     import psutil
 
     from chromoseg.bench_serve import post, serving
-    from chromoseg.serving import log_pyfunc_model
+    from chromoseg.mlmodel import log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -327,7 +336,7 @@ def test_scoring_server_end_to_end(tmp_path: Path, monkeypatch) -> None:
     exp = mlflow.create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
     ck = tiny_checkpoint(tmp_path / "model.pt", combine_label=True)
     with mlflow.start_run(experiment_id=exp):
-        info = log_pyfunc_model(ck, None, None)
+        info = log_pyfunc_model(ck)
     mv = mlflow.register_model(info.model_uri, "chromoseg-e2e")
     logged = mlflow.models.get_model_info(f"models:/chromoseg-e2e/{mv.version}")
     assert logged.signature is not None and logged.saved_input_example_info is not None

@@ -200,6 +200,7 @@ def evaluate_external(
             "the grey image, as predict --scale auto does).",
         ),
     ] = "labels",
+    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a model on real labelme-annotated images (rescaled to the 88x88 scale)."""
     from chromoseg.data.labelme import WIDTH_SOURCES
@@ -207,7 +208,9 @@ def evaluate_external(
 
     if width_from not in WIDTH_SOURCES:
         fail(f"--width-from must be one of {', '.join(WIDTH_SOURCES)}, got {width_from!r}")
-    m = run_guarded(run_evaluate_external, labelme, model, out, width_from)
+    _point_mlflow(params)
+    infer = _params(params).infer if params.is_file() else None
+    m = run_guarded(run_evaluate_external, labelme, model, out, width_from, infer)
     typer.echo(json.dumps({k: m[k] for k in ("dice", "iou_overlap", "iou_chromosomes_pi") if k in m}))
 
 
@@ -221,7 +224,10 @@ def predict(
     ),
     model: Annotated[
         str | None,
-        typer.Option(help="Model URI loaded in-process (default models:/chromoseg-unet@champion)."),
+        typer.Option(
+            help="Model run in-process: models:/NAME@ALIAS, runs:/ID/PATH, a model folder or a "
+            "model.pt file (default models:/chromoseg-unet@champion)."
+        ),
     ] = None,
     url: Annotated[
         str | None, typer.Option(help="A running scoring server instead, e.g. http://127.0.0.1:5001.")
@@ -240,11 +246,13 @@ def predict(
 
     from chromoseg.predict import DEFAULT_MODEL, PredictError, predict_files
 
+    infer = None
     if url is None:
         model = model or DEFAULT_MODEL
         _point_mlflow(params)
+        infer = _params(params).infer if params.is_file() else None
     try:
-        rows = predict_files(images, out, model=model, url=url, scale=scale)
+        rows = predict_files(images, out, model=model, url=url, scale=scale, infer=infer)
     except PredictError as exc:
         fail(str(exc))
     typer.echo(json.dumps(rows, indent=1))
@@ -308,7 +316,8 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
         lines.append((label, json.loads(f.read_text())))
     ev, reg, tr = (d for _, d in lines)
     mode = "combined (3 classes)" if ev["combine_label"] else "4 classes"
-    views = ", 8-view test-time augmentation" if ev.get("tta") else ""
+    n_views = ev.get("tta_views", 1)
+    views = f", {n_views}-view test-time augmentation" if n_views > 1 else ""
     out = [
         f"chromoseg: {mode}, {ev['n_images']} test images{views}",
         f"  test dice (Ghosh 2017)      {ev['dice']:.4f}",

@@ -114,10 +114,6 @@ class TrainConfig:
     # "foreground": each image is scaled so its median chromosome grey is 0.5 (train and inference);
     # "none": grey / 255 as is. Default "none" so that older checkpoints keep their behaviour.
     normalize: Literal["none", "foreground", "single"] = "none"
-    # Test-time augmentation wherever the trained model predicts (evaluation, evaluate-external,
-    # serving, predict): softmax averaged over the 8 flips and 90-degree rotations, 8x the compute.
-    # Validation during training does without it. Off for checkpoints from before the key existed.
-    tta: bool = False
     # Validation metric that picks the saved epoch. "auto": Ghosh's dice with combined labels; with 4
     # classes the dice after merging A and B ("dice_combined"), because the permutation-invariant
     # 4-class dice ("dice_pi") of 200 validation images jumps with every image whose A/B choice flips
@@ -129,6 +125,29 @@ class TrainConfig:
     out_dir: str = "models"
     metrics: str = "metrics/train.json"
     history: str = "plots/train_history.csv"
+
+
+TTA_VIEWS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """How a trained model predicts (evaluate, register, predict, the served model); none of it
+    changes the trained weights, so changing it reruns evaluation and registration only."""
+
+    # Test-time augmentation: the softmax averaged over this many views of each image. 8: the 8
+    # flips and 90-degree rotations; 4: identity, horizontal and vertical flip, 180 degrees;
+    # 2: identity and horizontal flip; 1: none. Each view costs one forward pass.
+    tta_views: int = 8
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    backend: Literal["auto", "torch", "onnx", "compile"] = "auto"
+    num_threads: int = 0
+
+    def _validate(self) -> None:
+        if self.tta_views not in TTA_VIEWS:
+            raise ConfigError(f"infer.tta_views must be one of {list(TTA_VIEWS)}, got {self.tta_views}")
+        if self.num_threads < 0:
+            raise ConfigError(f"infer.num_threads must be >= 0 (0: all cores), got {self.num_threads}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +191,7 @@ class Params:
     synth: SynthConfig = field(default_factory=SynthConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -329,6 +349,28 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:
         return params_from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from exc
+
+
+# Checkpoints store the `train` section they were trained with. Keys added since were absent from
+# older ones; this is what the code that wrote them did without the key.
+LEGACY_TRAIN: dict[str, Any] = {}
+# The rule that named chromosome A before checkpoints recorded `ab_order`: the larger one.
+LEGACY_AB_ORDER = "area"
+
+
+def upgrade_checkpoint_config(ck: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint (`models/model.pt`) as this version reads it, the one place old ones are mended.
+
+    Returns a shallow copy whose `train` is a `TrainConfig` (keys since removed dropped, keys it
+    lacks taken from `LEGACY_TRAIN`, else the defaults) and whose `ab_order` is set.
+    """
+    stored = dict(ck.get("train") or {})
+    known = {f.name for f in fields(TrainConfig)}
+    train = {**LEGACY_TRAIN, **{k: v for k, v in stored.items() if k in known}}
+    out = dict(ck)
+    out["train"] = _build(TrainConfig, train, "checkpoint train")
+    out["ab_order"] = ck.get("ab_order", LEGACY_AB_ORDER)
+    return out
 
 
 def class_names(combine_label: bool) -> tuple[str, ...]:

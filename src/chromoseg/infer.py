@@ -43,6 +43,16 @@ Backend = Literal["auto", "torch", "onnx", "compile"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx", "compile")
 
 
+# Test-time augmentation views as (quarter turns, then horizontal flip), by view count. A horizontal
+# flip after two quarter turns is a vertical flip, so 4 views are identity, hflip, rot180, vflip.
+TTA_VIEWS: dict[int, tuple[tuple[int, bool], ...]] = {
+    1: ((0, False),),
+    2: ((0, False), (0, True)),
+    4: ((0, False), (0, True), (2, False), (2, True)),
+    8: tuple((k, flip) for k in range(4) for flip in (False, True)),
+}
+
+
 def choose_backend(plan: ExecPlan) -> str:
     """The backend `auto` resolves to for `plan`.
 
@@ -113,7 +123,7 @@ class Predictor:
         batch_size: int = 64,
         bucket: int = 32,
         ab_order: str = "none",
-        tta: bool | None = None,
+        tta_views: int = 1,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
@@ -123,9 +133,11 @@ class Predictor:
         self.n_classes = n_classes
         self.plan = plan if plan is not None else exec_plan(cfg.precision, cfg.channels_last)
         self.batch_size = batch_size
-        # Test-time augmentation (`train.tta` unless given): the softmax averaged over the 8 flips
-        # and 90-degree rotations, which map the pixel grid onto itself exactly.
-        self.tta = cfg.tta if tta is None else tta
+        if tta_views not in TTA_VIEWS:
+            raise ValueError(f"tta_views must be one of {sorted(TTA_VIEWS)}, got {tta_views}")
+        # Test-time augmentation (`infer.tta_views`): the softmax averaged over flips and 90-degree
+        # rotations, which map the pixel grid onto itself exactly.
+        self.tta_views = tta_views
         if isinstance(model, torch.nn.Module):
             net = model
         else:
@@ -164,7 +176,7 @@ class Predictor:
             **self.plan.describe(),
             "backend": self.backend,
             "batch_size": str(self.batch_size),
-            "tta": str(self.tta),
+            "tta_views": str(self.tta_views),
         }
 
     @property
@@ -213,7 +225,7 @@ class Predictor:
         ab = np.empty((n, h, w), dtype=np.uint8) if self.ab_head and what == "labels" else None
         for start in range(0, n, self.batch_size):
             chunk, (top, left) = pad_center(x[start : start + self.batch_size], hp, wp)
-            fwd = self._forward_views if self.tta else self._forward
+            fwd = self._forward_views if self.tta_views > 1 else self._forward
             logits = fwd(chunk)[:, :, top : top + h, left : left + w]
             stop = start + len(chunk)
             if what == "logits":
@@ -228,28 +240,29 @@ class Predictor:
         return out, ab
 
     def _forward_views(self, batch: np.ndarray) -> np.ndarray:
-        """Like `_forward`, averaged over the 8 dihedral views of each image: log of the mean softmax.
+        """Like `_forward`, averaged over `tta_views` dihedral views of each image (`TTA_VIEWS`): log
+        of the mean softmax.
 
         With chromosome channels A and B (4-class networks) the network may name them the other way
         round in a rotated view (the permutation-invariant loss leaves the names free), so each
         view's A and B are first aligned, per image, with the plain view's.
         """
         ref = total = None
-        for k in range(4):
-            for flip in (False, True):
-                view = np.rot90(batch, k, axes=(1, 2))
-                view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
-                prob = torch.from_numpy(self._forward(view)).softmax(dim=1).numpy()
-                prob = np.rot90(prob[..., ::-1] if flip else prob, -k, axes=(2, 3))
-                if ref is None:
-                    ref, total = prob, prob.copy()
-                    continue
-                if prob.shape[1] == 4:
-                    same = (prob[:, 1] * ref[:, 1] + prob[:, 2] * ref[:, 2]).sum((1, 2))
-                    swapped = (prob[:, 1] * ref[:, 2] + prob[:, 2] * ref[:, 1]).sum((1, 2))
-                    prob = np.where((swapped > same)[:, None, None, None], prob[:, SWAP_AB], prob)
-                total += prob
-        return np.log(np.maximum(total / 8.0, 1e-12)).astype(np.float32)
+        views = TTA_VIEWS[self.tta_views]
+        for k, flip in views:
+            view = np.rot90(batch, k, axes=(1, 2))
+            view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
+            prob = torch.from_numpy(self._forward(view)).softmax(dim=1).numpy()
+            prob = np.rot90(prob[..., ::-1] if flip else prob, -k, axes=(2, 3))
+            if ref is None:
+                ref, total = prob, prob.copy()
+                continue
+            if prob.shape[1] == 4:
+                same = (prob[:, 1] * ref[:, 1] + prob[:, 2] * ref[:, 2]).sum((1, 2))
+                swapped = (prob[:, 1] * ref[:, 2] + prob[:, 2] * ref[:, 1]).sum((1, 2))
+                prob = np.where((swapped > same)[:, None, None, None], prob[:, SWAP_AB], prob)
+            total += prob
+        return np.log(np.maximum(total / len(views), 1e-12)).astype(np.float32)
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """(B, Hp, Wp) float32 -> (B, C, Hp, Wp) float32 logits on the host."""

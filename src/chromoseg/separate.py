@@ -41,6 +41,8 @@ import itertools
 import numpy as np
 from scipy import ndimage as ndi
 
+from chromoseg.geometry import estimate_width
+
 MIN_ARM = 4  # pixels; smaller fragments are noise and join the nearest arm
 MAX_ARMS = 4
 MAX_CUT = 3  # px: how far the overlap is grown at most to cut the arms apart
@@ -55,8 +57,6 @@ def drop_small_overlaps(
     """(N, H, W) or (H, W) predicted labels with overlap components smaller than `min_rel` * w^2
     (w: the chromosome width of that image) relabelled: to chromosome (combined) or to the nearest
     of A and B (4 classes). Returns a new array."""
-    from chromoseg.data.labelme import estimate_width
-
     ov_class = 2 if combine_label else 3
     out = np.array(labels, dtype=np.uint8, copy=True)
     flat = out[None] if out.ndim == 2 else out
@@ -86,8 +86,6 @@ def drop_one_sided_overlaps(labels4: np.ndarray, min_rel: float = MIN_CONTACT_RE
     """(N, H, W) or (H, W) 4-class labels with every overlap component that borders A-only or B-only
     pixels along less than `min_rel` * w (w: the chromosome width of that image) given to the
     chromosome it borders more (on a tie, the nearer one). Returns a new array."""
-    from chromoseg.data.labelme import estimate_width
-
     out = np.array(labels4, dtype=np.uint8, copy=True)
     flat = out[None] if out.ndim == 2 else out
     for lab in flat:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the run artifact folder of the trained model.pt
 
 
 class TrainingInterruptedError(RuntimeError):
@@ -222,7 +223,7 @@ def _fingerprint(params: Params, train_file: Path, world_size: int = 1) -> str:
         "train": asdict(params.train),
         "prepare": asdict(params.prepare),
     }
-    for key in ("num_threads", "tta"):  # how many cores, how it predicts afterwards: same weights
+    for key in ("num_threads",):  # how many cores: same weights
         relevant["train"].pop(key, None)
     if world_size > 1:  # per-rank batch-norm statistics: not interchangeable with a 1-process run
         relevant["world_size"] = world_size
@@ -294,7 +295,6 @@ def _end_active_run(exc: BaseException) -> None:
 def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     import mlflow
 
-    from chromoseg.serving import log_pyfunc_model
     from chromoseg.tracking import launcher_run_id, setup_mlflow
 
     cfg = params.train
@@ -362,7 +362,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         if not dist.is_main:  # other ranks: the same steps on their shards, nothing else
             continue
         pred = Predictor(
-            ema.target(net), cfg, params.n_classes, plan, "torch", ab_order=params.prepare.ab_order, tta=False
+            ema.target(net), cfg, params.n_classes, plan, "torch", ab_order=params.prepare.ab_order
         ).predict_labels(val_x)
         m = SegmentationMetrics(params.n_classes)
         m.update(val_labels, pred)
@@ -436,16 +436,19 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         "precision": plan.precision,
     }
     mlflow.log_metrics({"best_val_dice": best["dice"], "best_epoch": best["epoch"]})
-    model_info = log_pyfunc_model(model_path, params, plan)
+    # The checkpoint as a plain artifact; `chromoseg register` wraps it as the served model, so the
+    # serving code is no input of training.
+    mlflow.log_artifact(str(model_path), CHECKPOINT_ARTIFACT_DIR)
+    checkpoint_uri = f"runs:/{run_id}/{CHECKPOINT_ARTIFACT_DIR}/{MODEL_FILE}"
     mlflow.end_run()
-    write_json(out_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_info.model_uri})
+    write_json(out_dir / RUN_FILE, {"run_id": run_id, "checkpoint_uri": checkpoint_uri})
     write_json(cfg.metrics, summary)
     if stop.signum is not None:
         log.warning("%s arrived while writing outputs; they were completed", stop.signum)
     ckpt_path.unlink(missing_ok=True)
     log.info(
         "best val %s %.4f at epoch %d; model %s",
-        select_by, best["dice"], best["epoch"] + 1, model_info.model_uri,
+        select_by, best["dice"], best["epoch"] + 1, checkpoint_uri,
     )  # fmt: skip
     return summary
 
