@@ -313,6 +313,27 @@ def test_tta_is_off_by_default_and_commutes_with_rotation(model: torch.nn.Module
     assert np.abs(np.exp(a) - torch.from_numpy(plain.predict_logits(images)).softmax(1).numpy()).max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    ("views", "invariant_to"),
+    [
+        (2, lambda x: x[..., ::-1]),  # identity + horizontal flip
+        (4, lambda x: x[..., ::-1, :]),  # + vertical flip and 180 degrees
+        (4, lambda x: np.rot90(x, 2, axes=(-2, -1))),
+    ],
+)
+def test_fewer_tta_views_average_over_their_own_flips(model: torch.nn.Module, views, invariant_to) -> None:
+    images = np.random.default_rng(3).random((2, 32, 64), dtype=np.float32)
+    pred = Predictor(model, TINY, 3, FP32, backend="torch", tta_views=views)
+    a = pred.predict_logits(images)
+    b = pred.predict_logits(np.ascontiguousarray(invariant_to(images)))
+    np.testing.assert_allclose(b, np.ascontiguousarray(invariant_to(a)), atol=1e-5)
+    # 2 views are not rotation-invariant: they are not the 8-view average.
+    eight = Predictor(model, TINY, 3, FP32, backend="torch", tta_views=8).predict_logits(images)
+    assert np.abs(a - eight).max() > 1e-4
+    with pytest.raises(ValueError, match="tta_views must be one of"):
+        Predictor(model, TINY, 3, FP32, backend="torch", tta_views=3)
+
+
 def test_tta_aligns_chromosome_a_and_b_of_every_view() -> None:
     cfg = TINY
     pred = Predictor(build_model(cfg, 4), cfg, 4, FP32, backend="torch", tta_views=8)
