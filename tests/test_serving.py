@@ -37,7 +37,11 @@ from chromoseg.serving import (
 )
 
 # precision auto: bf16 eager torch where the CPU has it; fp32 would make load_context export ONNX.
-TINY = TrainConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
+# A plain smp U-Net (no full-resolution branch, context head or A/B head), grey as is.
+TINY = TrainConfig(
+    encoder_depth=3, decoder_channels=(16, 8, 8), full_res_channels=0, global_context=0, ab_aux=False,
+    normalize="none",
+)  # fmt: skip
 
 
 def png_b64(image: np.ndarray) -> str:

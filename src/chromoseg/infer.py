@@ -277,30 +277,27 @@ class Predictor:
             return logits.float().contiguous().cpu().numpy()
 
 
-def normalize_intensity(x: np.ndarray, mode: str = "foreground") -> np.ndarray:
+def normalize_intensity(x: np.ndarray, mode: str = "single") -> np.ndarray:
     """(N, H, W) float in [0, 1] -> float32, each image scaled so its chromosome grey is 0.5.
 
     Real images differ in staining and exposure; overlaps are told apart from single chromosomes by
     being about 1.7 times as bright *relative to the same image*, so the network sees relative grey.
-    Foreground = pixels above a quarter of the image's maximum. `foreground`: its median is scaled
-    to 0.5; when the overlap covers much of the pair (nearly parallel chromosomes) the median is an
-    overlap grey, so single and overlap grey move with the overlap's size. `single`: its 30th
-    percentile, which stays on single-chromosome pixels (the overlap is the brightest part) until
-    the overlap covers most of the pair. `none`: unchanged. Nearly black images (max < 0.02) are
-    left as they are.
+    Foreground = pixels above a quarter of the image's maximum. `single`: its 30th percentile is
+    scaled to 0.5; it stays on single-chromosome pixels (the overlap is the brightest part) until
+    the overlap covers most of the pair, where a median would be an overlap grey and move with the
+    overlap's size. `none`: unchanged. Nearly black images (max < 0.02) are left as they are.
     """
     if mode == "none":
         return np.asarray(x, np.float32)
-    if mode not in ("foreground", "single"):
-        raise ValueError(f"normalize mode {mode!r} is not one of ['none', 'foreground', 'single']")
-    q = 50 if mode == "foreground" else 30
+    if mode != "single":
+        raise ValueError(f"normalize mode {mode!r} is not one of ['none', 'single']")
     n = x.shape[0]
     flat = x.reshape(n, -1)
     peak = flat.max(axis=1)
     scale = np.ones(n, np.float32)
     for i in np.flatnonzero(peak >= 0.02):
         row = flat[i]
-        scale[i] = 0.5 / max(float(np.percentile(row[row > 0.25 * peak[i]], q)), 1e-3)
+        scale[i] = 0.5 / max(float(np.percentile(row[row > 0.25 * peak[i]], 30)), 1e-3)
     return np.clip(x * scale[:, None, None], 0.0, 4.0).astype(np.float32)
 
 
@@ -314,7 +311,7 @@ def decide_ab(logits4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Background, chromosome and overlap are decided on the merged logits (P(A) + P(B) against
     P(overlap)), then A or B by the larger of the two: one rule for every 4-channel network, so a
     4-class model and a combined model with the A/B head label the same logits alike. On a model
-    trained without the merged loss term it scores as the plain 4-class argmax (BENCHMARKS E18).
+    trained without the merged loss term it scores as the plain 4-class argmax (BENCHMARKS.md).
     """
     choice = np.where(logits4[:, 1] >= logits4[:, 2], 1, 2).astype(np.uint8)
     return split_ab(_merged(logits4).argmax(axis=1), choice), choice

@@ -1,11 +1,13 @@
 """Stage `register`: register the new model and move the champion alias only if it wins.
 
-The comparison is made on the same test split and label mode: the champion's recorded score is
-reused when it was measured on an identical split (same fingerprint), otherwise the champion is
-loaded and re-scored on the current split with the same code as the candidate.
+The comparison is made on the same test split, label mode and test-time augmentation: the champion's
+recorded score is reused when it was measured on an identical split (same fingerprint) with as many
+TTA views, otherwise the champion is loaded and re-scored with the same code as the candidate.
+The served model (the pyfunc of `chromoseg.serving`) is built here from the trained checkpoint
+(`mlmodel.log_pyfunc_model`), with the `infer` settings as its defaults.
 
 Real-image gate (`register.real_labelme`): the synthetic test split alone can promote a model that
-is worse on real images (BENCHMARKS E20: 240 epochs, better on the split, worse on real-dev). With a
+is worse on real images (a longer training can score higher on the split and lower on real-dev). With a
 folder of labelme-annotated real images set, both models are also scored there (the same metric,
 as `chromoseg evaluate-external` scores them) and the candidate is promoted only if it does not
 fall more than `register.real_tolerance` below the champion there. Scores are recorded as model

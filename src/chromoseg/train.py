@@ -37,7 +37,7 @@ from chromoseg.metrics import SegmentationMetrics
 from chromoseg.model import build_model, exec_plan, input_multiple, prepare_module, set_threads, to_input
 from chromoseg.prepare import load_split
 from chromoseg.tracking import project_root
-from chromoseg.transforms import chromosome_grey, train_transform
+from chromoseg.transforms import train_transform
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class BatchSampler:
         self.params = params
         self.cfg = params.train
         self.multiple = input_multiple(self.cfg)
-        self.transform = train_transform(params.seed, enabled=self.cfg.augment, affine_p=self.cfg.affine_p)
+        self.transform = train_transform(params.seed, enabled=self.cfg.augment)
 
     def epoch(self, epoch: int):
         """Yield (x float32 (B,1,H,W), y int64 (B,H,W)) batches for `epoch`, padded to the multiple."""
@@ -167,12 +167,6 @@ class BatchSampler:
             xs, ys = [], []
             for i in idx[start : start + bs]:
                 out = self.transform(image=self.images[i], mask=self.labels4[i])
-                if (
-                    self.cfg.augment
-                    and self.cfg.chromosome_grey_p > 0
-                    and rng.random() < self.cfg.chromosome_grey_p
-                ):
-                    out["image"] = chromosome_grey(out["image"], out["mask"], rng)
                 xs.append(out["image"])
                 ys.append(out["mask"])
             x = np.stack(xs)
@@ -194,10 +188,11 @@ def make_criterion(params: Params) -> torch.nn.Module:
     cfg = params.train
     if cfg.ab_aux:
         # 4 classes too: the same network and loss as a combined model with the A/B head, which
-        # places the overlap outline better than the 4-class term alone (BENCHMARKS E18).
+        # places the overlap outline better than the 4-class term alone (BENCHMARKS.md).
         return AuxABLoss(cfg.loss, cfg.class_weights_combined, cfg.class_weights_4)
     weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
-    return SegLoss(cfg.loss, weights, permutation_invariant=cfg.pi_loss)
+    # 4 classes: each image scored against the better of the two A/B assignments (A, B unordered).
+    return SegLoss(cfg.loss, weights, permutation_invariant=not params.combine_label)
 
 
 def steps_per_epoch(params: Params) -> int:
@@ -209,8 +204,6 @@ def make_scheduler(opt: torch.optim.Optimizer, params: Params):
     kind = params.train.scheduler
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=params.train.lr * 0.01)
-    if kind == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.train.lr, total_steps=total)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 

@@ -11,7 +11,7 @@ taken on that mask. The scale is `REFERENCE_WIDTH / width`, where `REFERENCE_WID
 same measurement on the default synthetic set, so the estimator's own biases (threshold level, the
 wider ridge at a crossing) cancel.
 
-Accuracy (BENCHMARKS E27): on the synthetic test split the measurement divided by the label width
+Accuracy (BENCHMARKS.md): on the synthetic test split the measurement divided by the label width
 has a spread (sd) of 7 %; on the ten real-dev images the scale is within -21 % / +6 % of the one
 derived from the hand-drawn polygons (median -1 %).
 """
@@ -22,8 +22,8 @@ import numpy as np
 
 from chromoseg.geometry import NoForegroundError, image_width
 
-# Median `image_width` of the default synthetic set (`chromoseg synth`, 2,487 test-split images at
-# 2026-12-05; tests/test_scale.py checks it against the generator). Its label width median is 11.3 px.
+# Median `image_width` of the default synthetic set's test split (`chromoseg synth`; tests/test_scale.py
+# checks it against the generator). Its label width median is 11.3 px.
 REFERENCE_WIDTH = 10.2
 AUTO = "auto"  # a scale measured on each image (`parse_scale`)
 
