@@ -45,6 +45,7 @@ def model():
     m.predictor = Predictor(build_model(cfg, 3), cfg, 3, exec_plan("fp32", "off"), backend="torch")
     m.combine_label = True
     m.max_side = MAX_SIDE
+    m.scale = 1.0  # random images have no chromosome width to measure; decoding is what is fuzzed
     return m
 
 

@@ -57,15 +57,20 @@ def test_missing_file_is_file_not_found(tmp_path: Path) -> None:
         load_model(tmp_path / "junk.pt")
 
 
-def test_empty_registry_says_no_model_yet(tmp_path: Path, monkeypatch) -> None:
+def test_empty_registry_says_no_model_yet(tmp_path: Path) -> None:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()  # creates the store
-    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: uri)
-    monkeypatch.setattr(mlflow, "get_registry_uri", lambda: uri)
-    with pytest.raises(ModelLoadError) as info:
-        load_model("models:/chromoseg-unet@champion")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        with pytest.raises(ModelLoadError) as info:
+            load_model("models:/chromoseg-unet@champion")
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
     assert str(info.value) == NO_MODEL
 
 
@@ -78,7 +83,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_predict_without_a_model_says_so_and_creates_no_store(project: Path) -> None:
-    line = error_line(cli(["predict", "x.png", "--out", "o"], project))
+    line = error_line(cli(["predict", "x.png", "--out", "o", "--scale", "1"], project))
     assert line.endswith(f"chromoseg: {NO_MODEL}")
     assert not (project / "mlruns.db").exists() and not (project / "o").exists()
     line = error_line(cli(["evaluate-external", "--labelme", ".", "--out", "e.json"], project))
@@ -91,6 +96,8 @@ def test_predict_takes_a_checkpoint_path(project: Path) -> None:
     res = cli(["predict", "x.png", "--model", "model.pt", "--out", "o", "--scale", "1"], project)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (project / "o" / "x_labels.png").is_file() and (project / "o" / "x_summary.json").is_file()
-    line = error_line(cli(["predict", "x.png", "--model", "missing.pt", "--out", "o2"], project))
+    line = error_line(
+        cli(["predict", "x.png", "--model", "missing.pt", "--out", "o2", "--scale", "1"], project)
+    )
     assert line.endswith("chromoseg: file not found: missing.pt")
     assert not (project / "o2").exists() and not (project / "mlruns.db").exists()

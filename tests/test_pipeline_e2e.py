@@ -258,23 +258,24 @@ def test_register_real_image_gate(project):
     assert reg["version"] == n_versions + 1 and reg["real_set"]["n_images"] == 5
     key = "dice" if params_of(proj)["combine_label"] else "dice_pi"  # register.metric auto
     assert reg["score_kind"] == key
-    # The gate's figures are evaluate-external's on the same folder, for candidate and champion.
+    # The gate's figures are evaluate-external's on the same folder (at the polygons' scale), for
+    # candidate and champion.
     for version, score in (
         (reg["version"], "candidate_real_score"),
         (reg["champion_version_before"], "champion_real_score"),
     ):
         _run(
             ["chromoseg", "evaluate-external", "--labelme", "real", "--model",
-             f"models:/chromoseg-unet/{version}", "--out", "ext.json"],
+             f"models:/chromoseg-unet/{version}", "--out", "ext.json", "--width-from", "labels"],
             proj, env,
         )  # fmt: skip
         ext = json.loads((proj / "ext.json").read_text())
         assert reg[score] == pytest.approx(ext[key], abs=1e-9)
-    # The scale measured on the grey image instead of the polygons: these are images at the training
-    # scale, so each factor is near 1 (the polygons' width gives about 1 too).
+    # By default the scale is measured on the grey image instead of the polygons: these are images at
+    # the training scale, so each factor is near 1 (the polygons' width gives about 1 too).
     _run(
         ["chromoseg", "evaluate-external", "--labelme", "real", "--model",
-         f"models:/chromoseg-unet/{reg['version']}", "--out", "ext_image.json", "--width-from", "image"],
+         f"models:/chromoseg-unet/{reg['version']}", "--out", "ext_image.json"],
         proj, env,
     )  # fmt: skip
     ext_image = json.loads((proj / "ext_image.json").read_text())

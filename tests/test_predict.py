@@ -99,7 +99,8 @@ def test_predict_files_writes_label_overlay_and_json(tmp_path: Path, monkeypatch
     monkeypatch.setattr(P, "LocalModel", lambda uri, infer=None: StubModel())
     a = write_png(tmp_path / "a.png", np.full((30, 40), 70, np.uint8))
     b = write_png(tmp_path / "b.png", np.full((50, 20), 70, np.uint8))
-    rows = P.predict_files([a, b, a], tmp_path / "out", model="models:/x@champion")
+    rows = P.predict_files([a, b, a], tmp_path / "out", model="models:/x@champion", scale=1)
+    assert [(r["scale"], r["scale_from"]) for r in rows] == [(1.0, "given")] * 3
     assert [r["image"] for r in rows] == [str(a), str(b), str(a)]
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())

@@ -72,6 +72,7 @@ def model(request) -> ChromosegModel:
                             exec_plan("fp32", "off", device="cpu"), backend="torch")  # fmt: skip
     m.combine_label = request.param
     m.max_side = 512
+    m.scale = 1.0  # random test images have no chromosomes to measure (the default is tested below)
     return m
 
 
@@ -247,7 +248,8 @@ def test_predict_single_batch_and_odd_size(model: ChromosegModel) -> None:
     for x in (images(1)[0], images(3), images(2, 100, 131)):
         out = model.predict(None, x)
         n = 1 if x.ndim == 2 else x.shape[0]
-        assert set(out) == set(OUTPUT_KEYS)
+        assert set(out) == {*OUTPUT_KEYS, "scale", "scale_from"}
+        assert out["scale"] == [1.0] * n and out["scale_from"] == ["server"] * n
         assert all(out[k].shape == (n, *x.shape[-2:]) and out[k].dtype == np.uint8 for k in OUTPUT_KEYS)
         check_consistent(out, model.combine_label)
 
@@ -278,6 +280,7 @@ def test_scale_param_resizes_and_answers_at_input_size(model: ChromosegModel, sm
     big = resize(pair, (176, 176))
     out = model.predict(None, big, params={"scale": "0.5"})
     assert all(out[k].shape == (1, 176, 176) for k in OUTPUT_KEYS)
+    assert out["scale"] == [0.5] and out["scale_from"] == ["request"]
     check_consistent(out, model.combine_label)
     # The same as resizing by hand and scaling the masks back (nearest).
     small = model.predict(None, resize(big.astype(np.float32) / 255.0, (88, 88)))
@@ -287,10 +290,12 @@ def test_scale_param_resizes_and_answers_at_input_size(model: ChromosegModel, sm
     odd = resize(pair, (150, 140))
     out = model.predict(None, [png_b64(big), png_b64(odd)], params={"scale": "auto"})
     assert [x.shape for x in out["mask_a"]] == [(176, 176), (150, 140)]
+    assert out["scale_from"] == ["image", "image"]
     s = auto_scale(big.astype(np.float32) / 255.0)
+    assert out["scale"][0] == round(s, 4)
     ref = model.predict(None, resize(big.astype(np.float32) / 255.0, scaled_shape((176, 176), s)))
     np.testing.assert_array_equal(out["labels"][0], resize(ref["labels"][0], (176, 176), nearest=True))
-    # "" (MLflow's default for the param) and no params: the model's default, 1.
+    # "" (MLflow's default for the param) and no params: the model's default (here 1).
     np.testing.assert_array_equal(
         model.predict(None, pair, params={"scale": ""})["labels"], model.predict(None, pair)["labels"]
     )
@@ -311,9 +316,29 @@ def test_scale_param_errors_are_400(model: ChromosegModel, value, params, messag
     assert info.value.get_http_status_code() == 400 and message in info.value.message
 
 
+def test_scale_is_measured_by_default(small_synth) -> None:
+    """No scale anywhere: each image is brought to the training scale by its measured width; a
+    LowRes-sized image stays as it is, one at twice the scale is halved."""
+    from chromoseg.data.scale import resize
+
+    torch.manual_seed(0)
+    m = ChromosegModel()
+    m.predictor = Predictor(build_model(TINY, 3), TINY, 3, exec_plan("fp32", "off", device="cpu"), "torch")
+    m.combine_label = True
+    assert m.scale == "auto" and resolve_scale(None) == "auto"
+    pair = small_synth[0][5]
+    out = m.predict(None, [png_b64(pair), png_b64(resize(pair, (176, 176)))])
+    assert out["scale_from"] == ["image", "image"]
+    assert out["scale"][0] == 1.0 and 0.4 < out["scale"][1] < 0.6
+    assert [x.shape for x in out["labels"]] == [(88, 88), (176, 176)]
+    # The request's "1" (LowRes-sized input) is used as given.
+    out = m.predict(None, pair, params={"scale": "1"})
+    assert out["scale"] == [1.0] and out["scale_from"] == ["request"]
+
+
 def test_scale_default_from_env_or_model_config(monkeypatch) -> None:
     monkeypatch.delenv("CHROMOSEG_SCALE", raising=False)
-    assert resolve_scale(None) == 1.0
+    assert resolve_scale(None) == "auto"
     assert resolve_scale({"scale": 0.5}) == 0.5
     monkeypatch.setenv("CHROMOSEG_SCALE", "AUTO")
     assert resolve_scale({"scale": 0.5}) == "auto"
@@ -326,7 +351,7 @@ def test_scale_default_from_env_or_model_config(monkeypatch) -> None:
 
 
 @pytest.mark.e2e
-def test_scoring_server_end_to_end(tmp_path: Path, monkeypatch) -> None:
+def test_scoring_server_end_to_end(tmp_path: Path, monkeypatch, small_synth) -> None:
     import mlflow
     import psutil
 
@@ -378,14 +403,17 @@ def test_scoring_server_end_to_end(tmp_path: Path, monkeypatch) -> None:
         "not an image": ({"inputs": [base64.b64encode(b"hello").decode()]}, "not a PNG/JPEG/TIFF"),
         "negative": ({"inputs": np.full((9, 9), -3).tolist()}, "has values -3..-3"),
     }
-    with serving(f"models:/chromoseg-e2e/{mv.version}", env={"CHROMOSEG_MAX_SIDE": "256"}) as server:
+    # Random test images have no chromosomes to measure: the server's default scale is 1 here.
+    env = {"CHROMOSEG_MAX_SIDE": "256", "CHROMOSEG_SCALE": "1"}
+    with serving(f"models:/chromoseg-e2e/{mv.version}", env=env) as server:
         url = server.url + "/invocations"
         pids = [server.proc.pid, *(p.pid for p in psutil.Process(server.proc.pid).children(recursive=True))]
         for name, (payload, shapes) in valid.items():
             status, reply = post(url, payload)
             assert status == 200, (name, str(reply)[-300:])
             preds = reply["predictions"]
-            assert set(preds) == set(OUTPUT_KEYS), name
+            assert set(preds) == {*OUTPUT_KEYS, "scale", "scale_from"}, name
+            assert set(preds["scale_from"]) == {"server"}, name
             assert [np.asarray(x).shape for x in preds["labels"]] == shapes, name
             check_consistent(preds, combine_label=True, from_json=True)
         for name, (payload, message) in bad.items():
@@ -400,8 +428,15 @@ def test_scoring_server_end_to_end(tmp_path: Path, monkeypatch) -> None:
         # The request's scale param: resized for the network, answered at the input's size.
         status, reply = post(url, {"inputs": [png_b64(odd)], "params": {"scale": "0.7"}})
         assert status == 200 and np.asarray(reply["predictions"]["mask_a"]).shape == (1, 100, 131)
+        assert reply["predictions"]["scale"] == [0.7] and reply["predictions"]["scale_from"] == ["request"]
         status, reply = post(url, {"inputs": [png_b64(odd)], "params": {"scale": "huge"}})
         assert status == 400 and "scale must be a number > 0 or 'auto'" in reply["message"]
+        # auto: a synthetic pair at twice the LowRes scale is measured and halved for the network.
+        big = np.kron(small_synth[0][5], np.ones((2, 2), np.uint8))
+        status, reply = post(url, {"inputs": [png_b64(big)], "params": {"scale": "auto"}})
+        assert status == 200 and reply["predictions"]["scale_from"] == ["image"]
+        assert 0.4 < reply["predictions"]["scale"][0] < 0.6
+        assert np.asarray(reply["predictions"]["labels"]).shape == (1, 176, 176)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 

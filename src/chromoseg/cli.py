@@ -196,10 +196,10 @@ def evaluate_external(
         str,
         typer.Option(
             "--width-from",
-            help="What sets each image's scale: 'labels' (the polygons' width) or 'image' (measured on "
-            "the grey image, as predict --scale auto does).",
+            help="What sets each image's scale: 'image' (default: measured on the grey image, as "
+            "predict and the served model do) or 'labels' (the polygons' width).",
         ),
-    ] = "labels",
+    ] = "image",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a model on real labelme-annotated images (rescaled to the 88x88 scale)."""
@@ -235,10 +235,11 @@ def predict(
     scale: Annotated[
         str,
         typer.Option(
-            help="Resize factor before inference (0.5 for real-dev images, ~2x the 88x88 scale), or "
-            "'auto': measured on each image from its chromosomes' width."
+            help="'auto' (default): each image's chromosome width is measured and the image brought to "
+            "the training scale; or a resize factor for every image (0.5 for images at twice the "
+            "88x88 scale, 1 for LowRes-sized ones)."
         ),
-    ] = "1.0",
+    ] = "auto",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Segment images: per image a label PNG, an A/B/overlap overlay and a JSON summary."""

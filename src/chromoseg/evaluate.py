@@ -184,13 +184,14 @@ def run_evaluate_external(
     labelme_dir: str | Path,
     model: str,
     out: str | Path,
-    width_from: str = "labels",
+    width_from: str = "image",
     infer: InferConfig | None = None,
 ) -> dict:
     """Score any model on a folder of labelme-annotated real images; same keys as metrics/eval.json.
 
-    `width_from`: each image is rescaled by its polygons' width (`labels`) or by the width measured
-    on the grey image (`image`), as `chromoseg predict --scale auto` does with unlabelled images.
+    `width_from`: each image is rescaled by the width measured on the grey image (`image`), as
+    `chromoseg predict` and the served model do with unlabelled images, or by its polygons' width
+    (`labels`, the annotation's own scale).
     """
     from chromoseg.data.labelme import load_labelme_dir
 

@@ -9,10 +9,12 @@ Per input image it writes, into the output folder:
   fraction (overlap / pixels of A or B), the scale and the model URI or server URL.
 
 Inputs are PNG/JPEG/TIFF files or labelme JSON files (their embedded image). The network was
-trained at the 88 x 88 LowRes scale (chromosome width ~11.5 px); `scale` resizes each image before
-inference and resizes the masks back (nearest) afterwards: use 0.5 for the real-dev images
-(width ~23 px), or ``auto`` to measure each image's chromosome width on the image itself
-(`chromoseg.data.scale`); the summary records the scale used.
+trained at the 88 x 88 LowRes scale (chromosome width ~11.5 px); each image is resized before
+inference and the masks back (nearest) afterwards. By default (``auto``) the scale is measured on
+each image from its chromosomes' width (`chromoseg.data.scale`; inside the range of training widths
+the image is left as it is); a number (0.5 for the real-dev images, 1 for LowRes-sized ones) is
+used for every image instead. The summary records the scale used and `scale_from` (``image`` or
+``given``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from chromoseg.config import InferConfig
 from chromoseg.data.scale import AUTO, ScaleError, parse_scale, resize, scaled_shape
 from chromoseg.data.scale import image_scales as _image_scales
 from chromoseg.labels import instances_to_labels4
+from chromoseg.pipeline import OUTPUT_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +132,10 @@ class RemoteModel:
         self.timeout = timeout
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        body = json.dumps({"inputs": [encode_png(im) for im in images]}).encode()
+        # The images come resized to the training scale (`run_model`): the server must not measure again.
+        body = json.dumps({"inputs": [encode_png(im) for im in images], "params": {"scale": "1"}}).encode()
         preds = post_json(self.uri + "/invocations", body, self.timeout)["predictions"]
-        return [{k: np.asarray(preds[k][i], np.uint8) for k in preds} for i in range(len(images))]
+        return [{k: np.asarray(preds[k][i], np.uint8) for k in OUTPUT_KEYS} for i in range(len(images))]
 
 
 def post_json(url: str, body: bytes, timeout: float = 120.0) -> dict[str, Any]:
@@ -227,7 +231,7 @@ def predict_files(
     out_dir: Path,
     model: str | None = None,
     url: str | None = None,
-    scale: float | str = 1.0,
+    scale: float | str = AUTO,
     infer: InferConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Segment each file with the local `model` (URI or checkpoint) or the server at `url`; write

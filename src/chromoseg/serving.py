@@ -11,13 +11,18 @@ Input (any of):
 Each side must be 8..``max_side`` px (default 2048; ``CHROMOSEG_MAX_SIDE`` env var or
 ``model_config={"max_side": ...}``), at most 64 Mpx per request. Test-time augmentation uses
 ``model_config={"tta_views": ...}`` (written at registration from `infer.tta_views`) unless
-``CHROMOSEG_TTA`` says otherwise (``0``: none, ``1``: that default, or a view count 2, 4, 8). The network works at the 88 x 88 LowRes scale: images at another scale are resized
-by the request's ``params={"scale": "0.5"}`` (a number as text, or ``"auto"``: measured on each image,
-`chromoseg.data.scale`), else by ``CHROMOSEG_SCALE`` or ``model_config={"scale": ...}`` (default 1,
-no resizing); the outputs come back at each input's size. Images are grouped by size, padded to what
-the network needs, batched, and cropped back. Output: a dict of ``labels`` (the model's label
+``CHROMOSEG_TTA`` says otherwise (``0``: none, ``1``: that default, or a view count 2, 4, 8).
+
+The network works at the 88 x 88 LowRes scale: each image's chromosome width is measured and the
+image resized to the training width (``auto``, `chromoseg.data.scale`; inside the training widths, not
+resized) unless the request's ``params={"scale": "0.5"}`` (a number as text; ``"1"`` for
+LowRes-sized images), ``CHROMOSEG_SCALE`` or ``model_config={"scale": ...}`` gives one; the outputs
+come back at each input's size. Images are grouped by size, padded to what the network needs,
+batched, and cropped back. Output: a dict of ``labels`` (the model's label
 space), ``mask_a`` and ``mask_b`` (each chromosome including the overlap) and ``overlap``, each
-uint8: an (N, H, W) array when all images have one size, else a list of N (H_i, W_i) arrays.
+uint8: an (N, H, W) array when all images have one size, else a list of N (H_i, W_i) arrays; and
+per image the ``scale`` used and ``scale_from`` (``image``: measured, ``request``: the request's
+param, ``server``: the server's default).
 Through the scoring server both become ``{"predictions": {"labels": [image_0, ...], ...}}`` with
 each image a nested list of ints.
 
@@ -46,6 +51,7 @@ from chromoseg.pipeline import (
     check_size,
     model_from_checkpoint,
     predict_scaled,
+    resolve_scales,
 )
 
 log = logging.getLogger(__name__)
@@ -249,18 +255,22 @@ def resolve_tta_views(default: int, model_config: dict | None = None) -> int:
 
 
 def resolve_scale(model_config: dict | None = None) -> float | str:
-    """The server's default scale: env CHROMOSEG_SCALE, else model_config['scale'], else 1."""
-    from chromoseg.data.scale import ScaleError, parse_scale
+    """The server's default scale: env CHROMOSEG_SCALE, else model_config['scale'], else ``auto``
+    (measured on each image, `chromoseg.data.scale`)."""
+    from chromoseg.data.scale import AUTO, ScaleError, parse_scale
 
     raw = os.environ.get(SCALE_ENV) or (model_config or {}).get("scale")
     try:
-        return parse_scale(raw)
+        return parse_scale(raw, AUTO)
     except ScaleError as exc:
         raise ValueError(f"{SCALE_ENV}/scale: {exc}") from None
 
 
 class ChromosegModel(_Base):
     """MLflow pyfunc wrapper around `infer.Predictor` (see the module doc for input and output)."""
+
+    scale: float | str = "auto"  # the server's default (`resolve_scale`)
+    max_side: int = DEFAULT_MAX_SIDE
 
     def load_context(self, context) -> None:
         config = getattr(context, "model_config", None) or {}
@@ -283,15 +293,24 @@ class ChromosegModel(_Base):
     def predict(self, context, model_input, params: dict | None = None) -> dict:
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
-        from chromoseg.data.scale import ScaleError, parse_scale
+        from chromoseg.data.scale import AUTO, ScaleError, parse_scale
 
-        max_side = getattr(self, "max_side", DEFAULT_MAX_SIDE)
+        max_side = self.max_side
         try:
+            requested = (params or {}).get("scale")
             try:
-                scale = parse_scale((params or {}).get("scale"), getattr(self, "scale", 1.0))
+                scale = parse_scale(requested, self.scale)
             except ScaleError as exc:
                 raise InputError(f"params {exc}") from None
             images = split_images(model_input, max_side)
-            return predict_scaled(self.predictor, images, self.combine_label, scale, max_side)
+            scales = resolve_scales(images, scale)
+            if scale == AUTO:
+                source = "image"
+            else:
+                source = "request" if parse_scale(requested, None) is not None else "server"
+            out = predict_scaled(self.predictor, images, self.combine_label, scales, max_side)
+            out["scale"] = [round(s, 4) for s in scales]
+            out["scale_from"] = [source] * len(images)
+            return out
         except InputError as exc:
             raise MlflowException(f"chromoseg: {exc}", error_code=INVALID_PARAMETER_VALUE) from None

@@ -26,6 +26,16 @@ from chromoseg.geometry import NoForegroundError, image_width
 # checks it against the generator). Its label width median is 11.3 px.
 REFERENCE_WIDTH = 10.2
 AUTO = "auto"  # a scale measured on each image (`parse_scale`)
+# The training labels' widths span `SynthConfig.width_range` (10.3-14.3 px) around their median
+# 11.3 px; measured on the image that is REFERENCE_WIDTH * (10.3, 14.3) / 11.3, widened by the
+# measurement's own spread (sd 7 %). An image whose chromosomes measure inside that band is at a
+# scale the network was trained on and is left as it is (a resize would only cost a resample).
+LABEL_WIDTH_MEDIAN = 11.3
+MEASUREMENT_SPREAD = 0.07
+TRAINED_WIDTHS = (
+    REFERENCE_WIDTH * 10.3 / LABEL_WIDTH_MEDIAN * (1 - MEASUREMENT_SPREAD),
+    REFERENCE_WIDTH * 14.3 / LABEL_WIDTH_MEDIAN * (1 + MEASUREMENT_SPREAD),
+)
 
 
 # The geometry's "nothing to measure" is the scale's error: one except clause catches both.
@@ -58,7 +68,8 @@ def parse_scale(value: str | float | None, default: float | str = 1.0) -> float 
 
 
 def image_scales(images: list[np.ndarray], scale: float | str, names: list[str] | None = None) -> list[float]:
-    """One resize factor per image: `scale` itself, or with ``auto`` each image's measured one.
+    """One resize factor per image: `scale` itself, or with ``auto`` each image's measured one (1
+    when its chromosomes measure inside `TRAINED_WIDTHS`, so images at a training scale stay as they are).
 
     Raises ScaleError naming the image (`names[i]`, else its index) that cannot be measured.
     """
@@ -67,7 +78,9 @@ def image_scales(images: list[np.ndarray], scale: float | str, names: list[str] 
     out = []
     for i, im in enumerate(images):
         try:
-            out.append(auto_scale(im))
+            s = auto_scale(im)
+            trained = TRAINED_WIDTHS[0] <= REFERENCE_WIDTH / s <= TRAINED_WIDTHS[1]
+            out.append(1.0 if trained else s)
         except ScaleError as exc:
             raise ScaleError(f"{names[i] if names else f'image {i}'}: {exc}") from None
     return out
