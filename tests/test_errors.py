@@ -352,7 +352,7 @@ def test_predict_missing_alias(project, registry):
 
     Image.fromarray(np.zeros((88, 88), np.uint8)).save(project / "x.png")
     run_and_check(
-        project, ["predict", "--model", "models:/chromoseg-unet@nope", "--out", "pred", "x.png"],
+        project, ["predict", "--model", "models:/chromoseg-unet@nope", "--out", "pred", "--scale", "1", "x.png"],
         "models:/chromoseg-unet@nope", changed=("x.png", "mlruns.db"),
     )  # fmt: skip
     assert not (project / "pred").exists()

@@ -1,4 +1,5 @@
-"""The one inference path (evaluation, serving, bench): numpy images in, logits or labels out.
+"""The network runner under `chromoseg.pipeline` (and training's validation, bench): numpy images in,
+logits or labels out.
 
 `Predictor` pads any (H, W) with background (0 = black) to a bucketed size, runs fixed-size
 batches under `torch.inference_mode` with the `ExecPlan`'s autocast and memory format, and crops

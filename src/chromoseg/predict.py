@@ -1,4 +1,5 @@
-"""`chromoseg predict`: segment image files with a registered model (local) or a running server.
+"""`chromoseg predict`: segment image files with a model run in-process (registered, a run, or a
+`model.pt` checkpoint: `pipeline.load_model`) or a running server.
 
 Per input image it writes, into the output folder:
 
