@@ -15,7 +15,7 @@ TINY = {"encoder_depth": 3, "decoder_channels": [8, 8, 8], "full_res_channels": 
 
 
 def _params(combine: bool, aux: bool):
-    return params_from_dict({"combine_label": combine, "train": {**TINY, "ab_aux": aux, "pi_loss": True}})
+    return params_from_dict({"combine_label": combine, "train": {**TINY, "ab_aux": aux}})
 
 
 def test_criterion_follows_mode_and_ab_aux() -> None:

@@ -269,10 +269,11 @@ def evaluate_external(
         str,
         typer.Option(
             "--width-from",
-            help="What sets each image's scale: 'labels' (the polygons' width) or 'image' (measured on "
-            "the grey image, as predict --scale auto does).",
+            help="What sets each image's scale: 'image' (default: measured on the grey image, as "
+            "predict and the served model do) or 'labels' (the polygons' width).",
         ),
-    ] = "labels",
+    ] = "image",
+    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a model on real labelme-annotated images (rescaled to the 88x88 scale)."""
     from chromoseg.data.labelme import WIDTH_SOURCES
@@ -281,7 +282,9 @@ def evaluate_external(
     if width_from not in WIDTH_SOURCES:
         fail(f"--width-from must be one of {', '.join(WIDTH_SOURCES)}, got {width_from!r}")
     _output_file(out, "eval_external.json")
-    m = run_guarded(run_evaluate_external, labelme, model, out, width_from)
+    _point_mlflow(params)
+    infer = _params(params).infer if params.is_file() else None
+    m = run_guarded(run_evaluate_external, labelme, model, out, width_from, infer)
     typer.echo(json.dumps({k: m[k] for k in ("dice", "iou_overlap", "iou_chromosomes_pi") if k in m}))
 
 
@@ -295,7 +298,10 @@ def predict(
     ),
     model: Annotated[
         str | None,
-        typer.Option(help="Model URI loaded in-process (default models:/chromoseg-unet@champion)."),
+        typer.Option(
+            help="Model run in-process: models:/NAME@ALIAS, runs:/ID/PATH, a model folder or a "
+            "model.pt file (default models:/chromoseg-unet@champion)."
+        ),
     ] = None,
     url: Annotated[
         str | None, typer.Option(help="A running scoring server instead, e.g. http://127.0.0.1:5001.")
@@ -303,10 +309,11 @@ def predict(
     scale: Annotated[
         str,
         typer.Option(
-            help="Resize factor before inference (0.5 for real-dev images, ~2x the 88x88 scale), or "
-            "'auto': measured on each image from its chromosomes' width."
+            help="'auto' (default): each image's chromosome width is measured and the image brought to "
+            "the training scale; or a resize factor for every image (0.5 for images at twice the "
+            "88x88 scale, 1 for LowRes-sized ones)."
         ),
-    ] = "1.0",
+    ] = "auto",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Segment images: per image a label PNG, an A/B/overlap overlay and a JSON summary."""
@@ -318,10 +325,12 @@ def predict(
         fail(f"--out {out} is a file; give a folder for the predictions")
     if url is not None and not url.startswith(("http://", "https://")):
         fail(f"--url {url!r} is not an http(s) URL; give the server's address, e.g. http://127.0.0.1:5001")
+    infer = None
     if url is None:
         model = model or DEFAULT_MODEL
         _point_mlflow(params)
-    rows = run_guarded(predict_files, images, out, model=model, url=url, scale=scale)
+        infer = _params(params).infer if params.is_file() else None
+    rows = run_guarded(predict_files, images, out, model=model, url=url, scale=scale, infer=infer)
     typer.echo(json.dumps(rows, indent=1))
 
 
@@ -383,7 +392,8 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
         lines.append((label, json.loads(f.read_text())))
     ev, reg, tr = (d for _, d in lines)
     mode = "combined (3 classes)" if ev["combine_label"] else "4 classes"
-    views = ", 8-view test-time augmentation" if ev.get("tta") else ""
+    n_views = ev.get("tta_views", 1)
+    views = f", {n_views}-view test-time augmentation" if n_views > 1 else ""
     out = [
         f"chromoseg: {mode}, {ev['n_images']} test images{views}",
         f"  test dice (Ghosh 2017)      {ev['dice']:.4f}",

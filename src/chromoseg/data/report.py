@@ -34,8 +34,9 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from chromoseg.data.io import read_dataset
-from chromoseg.data.labelme import DEFAULT_TARGET_WIDTH, estimate_width, load_labelme_dir
-from chromoseg.evaluate import overlay
+from chromoseg.data.labelme import DEFAULT_TARGET_WIDTH, load_labelme_dir
+from chromoseg.geometry import estimate_width
+from chromoseg.plots import overlay
 
 log = logging.getLogger(__name__)
 
