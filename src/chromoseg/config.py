@@ -79,14 +79,14 @@ class TrainConfig:
     arch: str = "Unet"
     encoder: str = "resnet18"
     encoder_depth: int = 3
-    decoder_channels: tuple[int, ...] = (96, 48, 32)
+    decoder_channels: tuple[int, ...] = (64, 32, 16)
     # Channels of a full-resolution (stride-1) branch fused before the classifier; 0: plain smp model.
-    full_res_channels: int = 32
+    full_res_channels: int = 16
     # Hidden units of the image-level conditioning of the full-resolution head (pooled deepest
     # features scale and shift the head's features, see model.FullResUnet); 0: off.
     global_context: int = 64
-    epochs: int = 120
-    samples_per_epoch: int = 1000
+    epochs: int = 12
+    samples_per_epoch: int = 2000
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -100,7 +100,7 @@ class TrainConfig:
     # Flips, 90-degree rotations, contrast and noise: the transforms that keep the label exact.
     augment: bool = True
     # Train on a window of this many pixels around each pair instead of the whole image (0: off).
-    crop: int = 0
+    crop: int = 64
     # Combined labels: the network has a 4-class head (chromosome A and B, scored
     # permutation-invariantly) whose A and B are merged into "chromosome" for its output; telling the
     # two chromosomes apart is an auxiliary task. The output and every metric stay 3-class.
@@ -129,7 +129,7 @@ class InferConfig:
     # Test-time augmentation: the softmax averaged over this many views of each image. 8: the 8
     # flips and 90-degree rotations; 4: identity, horizontal and vertical flip, 180 degrees;
     # 2: identity and horizontal flip; 1: none. Each view costs one forward pass.
-    tta_views: int = 8
+    tta_views: int = 4
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     backend: Literal["auto", "torch", "onnx", "compile"] = "auto"
     num_threads: int = 0
@@ -365,6 +365,7 @@ LEGACY_TRAIN: dict[str, Any] = {
     "class_weights_combined": (0.1, 1.0, 10.0),
     "class_weights_4": (0.1, 1.0, 1.0, 10.0),
     "ab_aux": False,
+    "crop": 0,
     "normalize": "none",
 }
 # The rule that named chromosome A before checkpoints recorded `ab_order`: the larger one.

@@ -13,7 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from chromoseg.data.errors import DataError
 from chromoseg.fsutil import atomic_path
+
+__all__ = ["DataError", "Dataset", "import_kaggle", "read_dataset", "write_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +24,6 @@ KEY_RAW = "dataset_1"
 KEY_CLEANED = "13434_overlapping_chrom_pairs_LowRes"
 KNOWN_KEYS = (KEY_RAW, KEY_CLEANED)
 SOURCE_KEY = "source_id"
-
-
-class DataError(ValueError):
-    """A dataset file that cannot be used, with what was wrong and how to fix it."""
 
 
 @dataclass(frozen=True)

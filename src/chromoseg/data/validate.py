@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-from chromoseg.data.io import DataError
+from chromoseg.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
