@@ -85,7 +85,7 @@ class TrainConfig:
     # Hidden units of the image-level conditioning of the full-resolution head (pooled deepest
     # features scale and shift the head's features, see model.FullResUnet); 0: off.
     global_context: int = 64
-    epochs: int = 12
+    epochs: int = 8
     samples_per_epoch: int = 2000
     batch_size: int = 16
     lr: float = 1e-3
