@@ -17,7 +17,10 @@ import typer
 from chromoseg.config import ConfigError, Params, load_params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-import_app = typer.Typer(no_args_is_help=True, help="Import real data into data/raw/ in Pommier's format.")
+import_app = typer.Typer(
+    no_args_is_help=True,
+    help="Import real data in Pommier's format (kaggle: data/raw/, labelme: data/real/).",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
 app.add_typer(import_app, name="import")
 app.add_typer(data_app, name="data")
@@ -344,17 +347,18 @@ def import_kaggle_cmd(
 def import_labelme_cmd(
     directory: Annotated[Path, typer.Argument(help="Folder of labelme *.json files (two polygons each).")],
     out: Annotated[
-        Path | None, typer.Option(help="Output HDF5 (default: data/raw/labelme_<dir>.h5).")
+        Path | None, typer.Option(help="Output HDF5 (default: data/real/<dir>.h5, apart from data/raw).")
     ] = None,
     target_width: Annotated[
         float, typer.Option(help="Chromosome width in px after rescaling (the 88 x 88 scale).")
     ] = 11.5,
 ) -> None:
-    """Import labelme polygon annotations, rescaled to the 88 x 88 LowRes scale (atomic)."""
+    """Import labelme annotations as a real-image set for fine-tuning, at the 88 x 88 scale (atomic)."""
     from chromoseg.data.labelme import import_labelme
 
-    path = run_guarded(import_labelme, directory, out, target_width)
-    typer.echo(f"wrote {path}; next: dvc add {path.parent}")
+    path, prov = run_guarded(import_labelme, directory, out, target_width)
+    typer.echo(f"wrote {path} (images and labels) and {prov} (source files, hashes, scales)")
+    typer.echo(f"next: dvc add {path} && dvc exp run -S finetune.data={path}")
 
 
 @data_app.command("report")
