@@ -268,7 +268,14 @@ def _train_epoch(
 
 
 def run_train(params: Params) -> dict:
-    """Train, resuming from a matching checkpoint; data-parallel when started by torchrun."""
+    """Train, resuming from a matching checkpoint; data-parallel when started by torchrun.
+
+    With `finetune.data` set, fine-tune `finetune.init` on that real set instead (`chromoseg.finetune`).
+    """
+    if params.finetune.data:
+        from chromoseg.finetune import run_finetune
+
+        return run_finetune(params)
     dist = ddp.from_env()
     if dist.enabled:
         ddp.per_rank_batch(params.train.batch_size, params.train.samples_per_epoch, dist)

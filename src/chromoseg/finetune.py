@@ -1,0 +1,511 @@
+"""Fine-tuning a trained model on a lab's own annotated real images, mixed with synthetic ones.
+
+With `finetune.data` set (a set written by `chromoseg import labelme`), the `train` stage runs
+`run_finetune` instead of training from scratch: it loads `finetune.init` (a registered model or a
+`model.pt` checkpoint, weights and architecture), trains `finetune.steps` optimiser steps on batches
+of which a `finetune.real_fraction` share comes from the real set and the rest from the synthetic
+train split (so that what the synthetic set taught is not forgotten), validates on the synthetic val
+split and writes the same outputs as a training run: `models/model.pt` (the init's architecture and
+inference settings), `models/run.json`, `metrics/train.json` and the history CSV, and an MLflow run
+with every parameter, the init model and the real set's hash. `register` then promotes the version
+only through the real-image gate, on images the model was not trained on (`check_gate_disjoint`).
+
+The saved weights are those after the last step (their moving average, `finetune.ema`), not the
+step with the best synthetic validation dice: the synthetic split measures forgetting, not what the
+fine-tuning is for, and picking on it would favour the least adapted weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chromoseg.config import ConfigError, Params
+from chromoseg.data.io import DataError, read_dataset
+from chromoseg.fsutil import write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/", "file:/")
+MIN_CONTRAST = 4.0  # grey levels the chromosomes must be above the background (as the importer)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealSet:
+    """An imported real set: (N, H, W) uint8 images and 4-class labels, its identity and sources."""
+
+    path: Path
+    images: np.ndarray
+    labels4: np.ndarray
+    sha256: str
+    names: list[str]
+    file_sha256: frozenset[str]  # the labelme files it was imported from (provenance)
+    image_sha256: frozenset[str]  # their decoded images (provenance)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _project_path(p: str) -> Path:
+    """A params path: absolute, or relative to the project root (also under `dvc exp run --temp`)."""
+    from chromoseg.tracking import project_root
+
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return project_root() / path
+
+
+def load_real_set(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> RealSet:
+    """Read and check an imported real set (Pommier's format, labels 0..3 with A and B in each image).
+
+    `size`: the (H, W) every image must have (the synthetic training images'), or None.
+    """
+    from chromoseg.data.labelme import provenance_path
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(
+            f"finetune.data: {p}: file not found; import the annotations first with "
+            "`chromoseg import labelme DIR` (it writes data/real/NAME.h5), or `dvc pull` it"
+        )
+    ds = read_dataset(p)
+    images, labels4 = ds.images, ds.labels
+    if size is not None and images.shape[1:] != tuple(size):
+        raise DataError(
+            f"{p}: images are {images.shape[1]} x {images.shape[2]} px, the training images "
+            f"{size[0]} x {size[1]}; import the annotations with `chromoseg import labelme DIR`, "
+            "which brings them to the training size and scale"
+        )
+    if labels4.max() > 3:
+        raise DataError(f"{p}: labels go up to {labels4.max()}, expected 0..3 (background, A, B, overlap)")
+    for i, (img, lab) in enumerate(zip(images, labels4, strict=True)):
+        a, b = (lab == 1) | (lab == 3), (lab == 2) | (lab == 3)
+        if not a.any() or not b.any():
+            raise DataError(f"{p}: image {i} lacks chromosome {'A' if not a.any() else 'B'} in its labels")
+        fg, bg = float(img[lab > 0].mean()), float(np.median(img[lab == 0])) if (lab == 0).any() else 0.0
+        if not fg > bg + MIN_CONTRAST:
+            raise DataError(
+                f"{p}: image {i}: the chromosomes are not brighter than the background (mean grey "
+                f"{fg:.0f} against {bg:.0f}); chromoseg expects bright chromosomes on a dark background, "
+                "invert the images (255 - grey) and import them again"
+            )
+    names = [f"image {i}" for i in range(len(images))]
+    files: set[str] = set()
+    pixels: set[str] = set()
+    prov = provenance_path(p)
+    if prov.is_file():
+        doc = json.loads(prov.read_text())
+        names = [r["file"] for r in doc.get("images", [])] or names
+        files = {r["sha256"] for r in doc.get("images", [])}
+        pixels = {r["image_sha256"] for r in doc.get("images", [])}
+    return RealSet(p, images, labels4, _sha256(p), names, frozenset(files), frozenset(pixels))
+
+
+def shared_images(real: RealSet, gate_dir: str | os.PathLike[str]) -> list[str]:
+    """Names of the gate folder's labelme files that are also in the fine-tune set: the same file,
+    the same decoded image, or the same image at the training scale."""
+    from chromoseg.data.labelme import _load_records
+
+    recs = _load_records(gate_dir, 11.5, real.images.shape[1], "labels")
+    flat = {img.tobytes() for img in real.images}
+    return [
+        r["name"]
+        for r in recs
+        if r["sha256"] in real.file_sha256
+        or r["image_sha256"] in real.image_sha256
+        or r["grey"].tobytes() in flat
+    ]
+
+
+def check_gate_disjoint(params: Params, real: RealSet | None = None) -> None:
+    """DataError when the real-image gate (`register.real_labelme`) holds images of `finetune.data`:
+    the gate would score the fine-tuned model on images it was trained on."""
+    if not params.finetune.data or not params.register.real_labelme:
+        return
+    from chromoseg.registry import real_set_path
+
+    gate = real_set_path(params.register.real_labelme)
+    if not gate.is_dir():
+        return  # the registry reports a missing gate folder itself
+    real = real or load_real_set(_project_path(params.finetune.data))
+    shared = shared_images(real, gate)
+    if shared:
+        listed = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
+        raise DataError(
+            f"register.real_labelme ({gate}) and finetune.data ({params.finetune.data}) share "
+            f"{len(shared)} image(s) ({listed}): the gate would score the model on images it was "
+            "fine-tuned on; point register.real_labelme at annotated images kept out of the fine-tune set"
+        )
+
+
+def finetune_promotion(new, champ, min_gain: float, max_synthetic_drop: float) -> tuple[bool, str]:
+    """(promote?, why) for a fine-tuned version (`registry._Side` scores: `score` on the synthetic
+    test split, `real` on the gate's real images or None without a gate).
+
+    The real images decide: the version must beat the champion there by more than `min_gain`, and
+    may fall at most `max_synthetic_drop` below it on the synthetic test split.
+    """
+    if new.real is None:
+        return False, (
+            "a fine-tuned model is promoted only through the real-image gate; set register.real_labelme "
+            "to annotated real images it was not fine-tuned on"
+        )
+    if champ is None:
+        return True, "there was no champion"
+    if not new.real > champ.real + min_gain:
+        return False, f"it does not beat the champion on the real images by more than min_gain {min_gain:g}"
+    if new.score < champ.score - max_synthetic_drop:
+        return False, (
+            f"it beats the champion on the real images but falls {champ.score - new.score:.4f} below it on "
+            f"the synthetic test split (finetune.max_synthetic_drop {max_synthetic_drop:g})"
+        )
+    return True, "it beats the champion on the real images and holds up on the synthetic test split"
+
+
+def load_init(init: str, params: Params) -> tuple[dict, dict[str, str]]:
+    """The checkpoint to start from (`models/model.pt` layout) and what it is, for the MLflow run.
+
+    `init`: a `model.pt` file, or a registered / logged model URI (models:/NAME@ALIAS,
+    models:/NAME/VERSION, runs:/ID/model) whose checkpoint artifact is downloaded.
+    """
+    from chromoseg.serving import MODEL_ARTIFACT, load_checkpoint
+
+    if not init.startswith(MODEL_URI_PREFIXES):
+        p = _project_path(init)
+        if not p.is_file():
+            raise DataError(
+                f"finetune.init: {init}: file not found; give a models/model.pt checkpoint or a "
+                "registered model such as models:/chromoseg-unet@champion"
+            )
+        ck = load_checkpoint(p)
+        info = {"init": init, "init_sha256": _sha256(p)}
+    else:
+        ck, info = _load_registered(init, params, MODEL_ARTIFACT, load_checkpoint)
+    missing = [k for k in ("state_dict", "train", "n_classes", "combine_label") if k not in ck]
+    if missing:
+        raise DataError(f"finetune.init: {init} is not a chromoseg checkpoint (no {', '.join(missing)})")
+    if bool(ck["combine_label"]) != params.combine_label:
+        raise ConfigError(
+            f"finetune.init: {init} was trained with combine_label={bool(ck['combine_label'])} but "
+            f"params.yaml says {params.combine_label}; set combine_label to match"
+        )
+    return ck, info
+
+
+def _load_registered(uri: str, params: Params, artifact: str, load_checkpoint) -> tuple[dict, dict[str, str]]:
+    import mlflow
+
+    from chromoseg.registry import resolve_model_uri
+    from chromoseg.tracking import project_root, setup_mlflow, tracking_uri
+
+    store = tracking_uri(params.mlflow)
+    if store.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        db = Path(store.removeprefix("sqlite:///"))
+        if not db.is_file():  # checked before MLflow creates an empty store
+            raise DataError(
+                f"finetune.init: {uri}: no model yet ({db.relative_to(project_root()) if db.is_relative_to(project_root()) else db} "
+                "does not exist); run `make run` first to train and register one, or set finetune.init "
+                "to a model.pt checkpoint"
+            )
+    setup_mlflow(params.mlflow)
+    info = {"init": uri}
+    try:
+        version = resolve_model_uri(uri)
+    except ValueError as exc:
+        raise DataError(f"finetune.init: {exc}") from exc
+    if version is not None:
+        info.update({"init_model_version": str(version.version), "init_run_id": str(version.run_id)})
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:
+        raise DataError(
+            f"finetune.init: cannot download {uri} ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+    found = sorted(local.rglob(f"artifacts/{artifact}*.pt")) or sorted(local.rglob("*.pt"))
+    if not found:
+        raise DataError(f"finetune.init: {uri} holds no model.pt checkpoint; is it a chromoseg model?")
+    info["init_sha256"] = _sha256(found[0])
+    return load_checkpoint(found[0]), info
+
+
+class MixSampler:
+    """Seeded batches mixing the real set with the synthetic train split, augmented and padded.
+
+    Each step draws `round(real_fraction * batch_size)` real images (at least one) and the rest
+    synthetic, with an RNG seeded by (seed, step), so a run is reproducible image for image.
+    """
+
+    def __init__(self, real: RealSet, synth_images, synth_labels4, params: Params, cfg0) -> None:
+        from chromoseg.model import input_multiple
+        from chromoseg.transforms import train_transform
+
+        ft = params.finetune
+        self.real, self.params, self.cfg0 = real, params, cfg0
+        self.synth_images, self.synth_labels4 = synth_images, synth_labels4
+        self.n_real = min(ft.batch_size, max(1, round(ft.real_fraction * ft.batch_size)))
+        self.n_synth = ft.batch_size - self.n_real
+        self.multiple = input_multiple(cfg0)
+        self.real_tf = train_transform(params.seed, enabled=ft.augment, affine_p=ft.affine_p)
+        self.synth_tf = train_transform(params.seed + 1, enabled=ft.augment, affine_p=cfg0.affine_p)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x float32 (B, 1, H, W), y int64 (B, H, W)) for optimiser step `step`."""
+        from chromoseg.infer import normalize_intensity
+        from chromoseg.labels import canonical_ab, combine_labels
+        from chromoseg.train import pad_to_multiple
+
+        seed = self.params.seed * 100_003 + step
+        rng = np.random.default_rng(seed)
+        self.real_tf.set_random_seed(seed)
+        self.synth_tf.set_random_seed(seed + 1)
+        xs, ys = [], []
+        picks = [(self.real_tf, self.real.images, self.real.labels4, self.n_real)]
+        if self.n_synth:
+            picks.append((self.synth_tf, self.synth_images, self.synth_labels4, self.n_synth))
+        for tf, images, labels, n in picks:
+            for i in rng.choice(len(images), size=n, replace=n > len(images)):
+                out = tf(image=images[i], mask=labels[i])
+                xs.append(out["image"])
+                ys.append(out["mask"])
+        x = np.stack(xs)
+        y = canonical_ab(np.stack(ys), self.params.prepare.ab_order)
+        if self.params.combine_label and not self.cfg0.ab_aux:  # ab_aux: the loss combines them
+            y = combine_labels(y)
+        x, _ = pad_to_multiple(x, self.multiple)
+        y, _ = pad_to_multiple(y, self.multiple)
+        xf = normalize_intensity(x.astype(np.float32) / 255.0, self.cfg0.normalize)
+        return torch.from_numpy(xf)[:, None], torch.from_numpy(y.astype(np.int64))
+
+
+def _lr_lambda(steps: int):
+    """Linear warm-up over the first 5 % of steps (fresh Adam moments on trained weights), then
+    cosine down to 1 % of the rate."""
+    warm = max(1, steps // 20)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def run_finetune(params: Params) -> dict:
+    """The `train` stage when `finetune.data` is set; see the module doc."""
+    from chromoseg import distributed as ddp
+
+    if ddp.from_env().enabled:
+        raise ConfigError("fine-tuning runs in one process; start `chromoseg train` without torchrun")
+    try:
+        return _finetune(params)
+    except BaseException:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status="FAILED")
+        raise
+
+
+def finetune_module(
+    params: Params, ck: dict, real: RealSet, synth_images: np.ndarray, synth_labels4: np.ndarray, plan,
+    on_eval=None,
+) -> tuple[torch.nn.Module, list[dict]]:  # fmt: skip
+    """The core: `finetune.steps` steps from checkpoint `ck` on the real/synthetic mix, in memory.
+
+    `on_eval(module, step, losses)` is called every `finetune.eval_every` steps and after the last
+    with the moving-average module in eval mode and the losses since the previous call; what it
+    returns (a dict or None) is collected in the returned history. Returns the moving-average module.
+    """
+    from chromoseg.config import TrainConfig, _build
+    from chromoseg.infer import clean_state_dict
+    from chromoseg.model import build_model, load_weights, prepare_module, to_input
+    from chromoseg.train import WeightAverage, make_criterion, seed_everything
+
+    ft = params.finetune
+    seed_everything(params.seed)
+    cfg0 = _build(TrainConfig, ck["train"], "train")
+    net = build_model(cfg0, int(ck["n_classes"]))
+    load_weights(net, clean_state_dict(ck["state_dict"]))
+    net = prepare_module(net, plan)
+    criterion = make_criterion(dataclasses.replace(params, train=cfg0)).to(plan.device)
+    opt = torch.optim.Adam(net.parameters(), lr=ft.lr, weight_decay=cfg0.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(ft.steps))
+    ema = WeightAverage(net, ft.ema)
+    sampler = MixSampler(real, synth_images, synth_labels4, params, cfg0)
+    history, losses = [], []
+    net.train()
+    for step in range(ft.steps):
+        x, y = sampler.batch(step)
+        with plan.autocast():
+            logits = net(to_input(x, plan))
+        loss = criterion(logits, y.to(plan.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema.update(net)
+        losses.append(loss.item())
+        if on_eval is not None and ((step + 1) % ft.eval_every == 0 or step + 1 == ft.steps):
+            target = ema.target(net).eval()
+            row = on_eval(target, step + 1, losses, sched.get_last_lr()[0])
+            if row is not None:
+                history.append(row)
+            net.train()
+            losses = []
+    return ema.target(net).eval(), history
+
+
+def _finetune(params: Params) -> dict:
+    import mlflow
+
+    from chromoseg.config import TrainConfig, _build
+    from chromoseg.infer import Predictor
+    from chromoseg.metrics import SegmentationMetrics
+    from chromoseg.model import exec_plan, set_threads
+    from chromoseg.prepare import load_split
+    from chromoseg.serving import checkpoint_ab_order, log_pyfunc_model
+    from chromoseg.tracking import setup_mlflow
+    from chromoseg.train import MODEL_FILE, RUN_FILE, _atomic_torch_save, write_history
+
+    ft = params.finetune
+    t_start = time.perf_counter()
+    prep_dir = Path(params.prepare.out_dir)
+    tr = load_split(prep_dir, "train")
+    va = load_split(prep_dir, "val")
+    real = load_real_set(_project_path(ft.data), tr["images"].shape[1:])
+    check_gate_disjoint(params, real)  # before any training: a wrong gate is a setup error
+    ck, init_info = load_init(ft.init, params)
+    cfg0 = _build(TrainConfig, ck["train"], "train")
+    n_classes = int(ck["n_classes"])
+    ab_order = checkpoint_ab_order(ck)
+    if ab_order != params.prepare.ab_order:
+        # The sampler names A and B by the model's own rule, whatever params.yaml says now.
+        params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, ab_order=ab_order))
+    threads = set_threads(params.train.num_threads)
+    plan = exec_plan(params.train.precision, params.train.channels_last)
+    log.info(
+        "fine-tuning %s on %d real images of %s (%.0f%% of each batch) for %d steps; %s, %d threads",
+        ft.init, len(real.images), real.path, 100 * ft.real_fraction, ft.steps, plan.precision, threads,
+    )  # fmt: skip
+
+    setup_mlflow(params.mlflow)
+    run = mlflow.start_run(run_name=f"finetune-{real.path.stem}")
+    run_id = run.info.run_id
+    mlflow.log_params(params.flat())
+    mlflow.log_params(
+        {
+            "finetune.data_sha256": real.sha256,
+            "finetune.n_real": len(real.images),
+            **{f"finetune.{k}": v for k, v in init_info.items() if k != "init"},
+        }
+    )
+    mlflow.set_tags(
+        {
+            **{f"exec.{k}": v for k, v in plan.describe().items()},
+            "exec.threads": str(threads),
+            "chromoseg.stage": "train",
+            "chromoseg.finetune": "true",
+            "chromoseg.finetune.init": ft.init,
+            "chromoseg.finetune.data": ft.data,
+            "chromoseg.n_classes": str(n_classes),
+        }
+    )
+    mlflow.log_dict({"train": ck["train"], **init_info, "real_images": real.names}, "finetune/init.json")
+
+    val_x, val_labels = va["images"].astype(np.float32) / 255.0, va["labels"]
+    clock = {"t": time.perf_counter(), "row": 0}
+
+    def on_eval(module, step: int, losses: list[float], lr: float) -> dict:
+        seconds = time.perf_counter() - clock["t"]
+        pred = Predictor(module, cfg0, n_classes, plan, "torch", ab_order=ab_order, tta=False).predict_labels(
+            val_x
+        )
+        m = SegmentationMetrics(n_classes)
+        m.update(val_labels, pred)
+        val = m.compute()
+        row = {
+            "epoch": clock["row"],  # one row per validation, `eval_every` steps apart
+            "train_loss": float(np.mean(losses)),
+            "val_dice": val["dice"],
+            "val_iou_overlap": val["iou_overlap"],
+            "val_selection": val[params.select_by],
+            "lr": lr,
+            "train_img_per_s": len(losses) * ft.batch_size / seconds,
+        }
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
+        log.info(
+            "step %d/%d loss %.4f synthetic val dice %.4f overlap IoU %.4f (%.1f img/s)",
+            step, ft.steps, row["train_loss"], row["val_dice"], row["val_iou_overlap"], row["train_img_per_s"],
+        )  # fmt: skip
+        clock["t"], clock["row"] = time.perf_counter(), clock["row"] + 1
+        return row
+
+    module, history = finetune_module(params, ck, real, tr["images"], tr["labels4"], plan, on_eval)
+
+    cfg = params.train
+    out_dir = Path(cfg.out_dir)
+    model_path = out_dir / MODEL_FILE
+    final = history[-1]
+    _atomic_torch_save(
+        {
+            "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+            "train": ck["train"],  # the init's architecture and inference settings
+            "n_classes": n_classes,
+            "combine_label": params.combine_label,
+            "ab_order": ab_order,
+            "best_epoch": final["epoch"],
+            "val_dice": final["val_selection"],
+            "finetune": {
+                **dataclasses.asdict(ft),
+                **init_info,
+                "data_sha256": real.sha256,
+                "real_images": real.names,
+            },
+        },
+        model_path,
+    )
+    write_history(cfg.history, history)
+    train_seconds = round(time.perf_counter() - t_start, 1)
+    summary = {
+        "best_epoch": final["epoch"],
+        "best_val_dice": final["val_selection"],
+        "selected_by": "last step (fine-tuning)",
+        "final_train_loss": final["train_loss"],
+        "epochs": len(history),
+        "train_seconds": train_seconds,
+        "precision": plan.precision,
+        "finetune": {
+            "data": ft.data,
+            "data_sha256": real.sha256,
+            "n_real": len(real.images),
+            "steps": ft.steps,
+            **init_info,
+            "val_iou_overlap": final["val_iou_overlap"],
+        },
+    }
+    mlflow.log_metrics({"best_val_dice": final["val_selection"], "train_seconds": train_seconds})
+    model_info = log_pyfunc_model(model_path, params, plan)
+    mlflow.end_run()
+    write_json(out_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_info.model_uri})
+    write_json(cfg.metrics, summary)
+    log.info(
+        "fine-tuned in %.0f s: synthetic val dice %.4f, overlap IoU %.4f; model %s",
+        train_seconds, final["val_dice"], final["val_iou_overlap"], model_info.model_uri,
+    )  # fmt: skip
+    return summary
