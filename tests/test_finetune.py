@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from chromoseg.cli import app
-from chromoseg.config import TrainConfig, params_from_dict
+from chromoseg.config import TrainConfig, load_params, params_from_dict
 from chromoseg.data.io import DataError, read_dataset
 from chromoseg.data.labelme import polygon_mask
 
@@ -98,6 +98,29 @@ def test_import_writes_real_set_and_provenance_and_prints_one_command(tmp_path, 
     first = _tree(tmp_path / "data")
     assert CliRunner().invoke(app, ["import", "labelme", "mylab/labelme"]).exit_code == 0
     assert _tree(tmp_path / "data") == first  # byte-identical: re-importing changes nothing
+
+
+def test_import_in_the_project_sets_finetune_data_and_nothing_else(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    original = (root / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(original)
+    _folder(tmp_path / "mylab")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["import", "labelme", "mylab"])
+    assert res.exit_code == 0, res.output
+    new = (tmp_path / "params.yaml").read_text()
+    changed = [(a, b) for a, b in zip(original.splitlines(), new.splitlines(), strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][1].startswith("  data: data/real/mylab.h5 ")
+    assert load_params(tmp_path / "params.yaml").finetune.data == "data/real/mylab.h5"
+    assert [ln for ln in res.stdout.splitlines() if ln.startswith("next:")] == [
+        "next: dvc add data/real/mylab.h5   (then `dvc repro` fine-tunes on it)"
+    ]
+    # A bad folder changes neither params.yaml nor data/.
+    (tmp_path / "params.yaml").write_text(original)
+    _folder(tmp_path / "bad", ks=())
+    assert CliRunner().invoke(app, ["import", "labelme", "bad"]).exit_code == 2
+    assert (tmp_path / "params.yaml").read_text() == original
+    assert not Path("data/real/bad.h5").exists()
 
 
 def _break(folder: Path, case: str) -> None:

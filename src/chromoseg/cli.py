@@ -352,13 +352,36 @@ def import_labelme_cmd(
     target_width: Annotated[
         float, typer.Option(help="Chromosome width in px after rescaling (the 88 x 88 scale).")
     ] = 11.5,
+    set_params: Annotated[
+        bool,
+        typer.Option(help="Point finetune.data in params.yaml at the new set (only that line changes)."),
+    ] = True,
+    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Import labelme annotations as a real-image set for fine-tuning, at the 88 x 88 scale (atomic)."""
-    from chromoseg.data.labelme import import_labelme
+    """Import labelme annotations as a real-image set for fine-tuning, at the 88 x 88 scale (atomic).
 
+    Writes data/real/<dir>.h5 and its provenance JSON and sets finetune.data in params.yaml; then
+    `dvc add data/real/<dir>.h5` versions the set and `dvc repro` fine-tunes on it.
+    """
+    from chromoseg.data.labelme import default_real_set_path, import_labelme
+    from chromoseg.finetune import with_finetune_data
+    from chromoseg.fsutil import atomic_path
+
+    path = out if out is not None else default_real_set_path(directory)
+    edit = None
+    if set_params and params.is_file():  # checked before anything is written
+        edit = run_guarded(with_finetune_data, params.read_text(), str(path))
     path, prov = run_guarded(import_labelme, directory, out, target_width)
     typer.echo(f"wrote {path} (images and labels) and {prov} (source files, hashes, scales)")
-    typer.echo(f"next: dvc add {path} && dvc exp run -S finetune.data={path}")
+    if edit is None:
+        typer.echo(f"next: dvc add {path} && dvc exp run -S finetune.data={path}")
+        return
+    text, old = edit
+    with atomic_path(params) as tmp:
+        tmp.write_text(text)
+    init = _params(params).finetune.init
+    typer.echo(f"set finetune.data: {path} in {params} (was {old!r}); fine-tuning starts from {init}")
+    typer.echo(f"next: dvc add {path}   (then `dvc repro` fine-tunes on it)")
 
 
 @data_app.command("report")

@@ -153,6 +153,46 @@ def check_gate_disjoint(params: Params, real: RealSet | None = None) -> None:
         )
 
 
+def with_finetune_data(params_text: str, value: str) -> tuple[str, str]:
+    """params.yaml text with `finetune.data` set to `value`, only that line changed (comments and
+    layout kept, unlike a YAML round trip), and the previous value. ConfigError if there is none."""
+    import re
+
+    import yaml
+
+    from chromoseg.config import params_from_dict
+
+    lines = params_text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if re.match(r"finetune:\s*(#.*)?$", ln)), None)
+    hit = None
+    for i in range(start + 1 if start is not None else len(lines), len(lines)):
+        if re.match(r"\S", lines[i]):  # the next top-level key: the section has ended
+            break
+        m = re.match(r"(\s+data:\s*)(\S.*?|)(\s+#.*)?(\r?\n)?$", lines[i])
+        if m:
+            hit = i, m
+            break
+    if hit is None:
+        raise ConfigError(
+            "params.yaml has no finetune.data key to set; add the finetune section (see docs/finetune.md) "
+            "or import with --no-set-params"
+        )
+    i, m = hit
+    scalar = value if re.fullmatch(r"[A-Za-z0-9_./-]+", value) else json.dumps(value)
+    comment = m.group(3) or ""
+    pad = (
+        " " * max(1, len(m.group(2)) + len(comment) - len(comment.lstrip()) - len(scalar)) if comment else ""
+    )
+    lines[i] = f"{m.group(1)}{scalar}{pad}{comment.lstrip()}{m.group(4) or ''}"
+    text = "".join(lines)
+    new = yaml.safe_load(text)
+    params_from_dict(new)  # the edited file must still be valid
+    old = (yaml.safe_load(params_text).get("finetune") or {}).get("data", "")
+    if new["finetune"]["data"] != value:
+        raise ConfigError(f"params.yaml: could not set finetune.data to {value!r}; set it by hand")
+    return text, old
+
+
 def finetune_promotion(new, champ, min_gain: float, max_synthetic_drop: float) -> tuple[bool, str]:
     """(promote?, why) for a fine-tuned version (`registry._Side` scores: `score` on the synthetic
     test split, `real` on the gate's real images or None without a gate).
