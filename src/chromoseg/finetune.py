@@ -375,11 +375,16 @@ def finetune_module(
     from chromoseg.config import TrainConfig, _build
     from chromoseg.infer import clean_state_dict
     from chromoseg.model import build_model, load_weights, prepare_module, to_input
+    from chromoseg.serving import checkpoint_ab_order
     from chromoseg.train import WeightAverage, make_criterion, seed_everything
 
     ft = params.finetune
     seed_everything(params.seed)
     cfg0 = _build(TrainConfig, ck["train"], "train")
+    # The training labels name A and B by the model's own rule, whatever params.yaml says now.
+    params = dataclasses.replace(
+        params, prepare=dataclasses.replace(params.prepare, ab_order=checkpoint_ab_order(ck))
+    )
     net = build_model(cfg0, int(ck["n_classes"]))
     load_weights(net, clean_state_dict(ck["state_dict"]))
     net = prepare_module(net, plan)
@@ -434,9 +439,6 @@ def _finetune(params: Params) -> dict:
     cfg0 = _build(TrainConfig, ck["train"], "train")
     n_classes = int(ck["n_classes"])
     ab_order = checkpoint_ab_order(ck)
-    if ab_order != params.prepare.ab_order:
-        # The sampler names A and B by the model's own rule, whatever params.yaml says now.
-        params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, ab_order=ab_order))
     threads = set_threads(params.train.num_threads)
     plan = exec_plan(params.train.precision, params.train.channels_last)
     log.info(
