@@ -298,7 +298,19 @@ def table(results: dict, sizes: list[int], n_synth: int) -> str:
         f"{np.mean([m['dice'] for m in ft]):.4f} (min {min(m['dice'] for m in ft):.4f}), overlap IoU "
         f"{np.mean([m['iou_overlap'] for m in ft]):.4f} (min {min(m['iou_overlap'] for m in ft):.4f})",
         f"seconds per fine-tune: {results['seconds_per_finetune']}",
+        "",
+        "Confusion counts on real-dev (pixels; rows truth, columns prediction):",
+        "",
+        "| model | truth | background | chromosome | overlap |",
+        "|---|---|---|---|---|",
     ]
+    big = str(max(sizes))
+    for name, m in (
+        ("synthetic-only", b),
+        (f"fine-tuned on {big} (CV)", results["finetuned"][big]["real_dev_pooled"]),
+    ):
+        for cls, row in zip(("background", "chromosome", "overlap"), m["confusion_matrix"], strict=True):
+            lines.append(f"| {name} | {cls} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines)
 
 

@@ -171,8 +171,8 @@ class FinetuneConfig:
     # A registered model (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model) or a model.pt file.
     init: str = "models:/chromoseg-unet@champion"
     real_fraction: float = 0.5
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = 200
+    batch_size: int = 12
     lr: float = 3e-4
     ema: float = 0.99  # moving average of the weights (as train.ema); 0: the last weights
     # Augmentation of the real images: flips, 90-degree rotations, contrast and noise always, plus an
