@@ -321,3 +321,18 @@ def _as_dict(params) -> dict:
     d = asdict(params)
     d.pop("synth")
     return d
+
+
+def test_finetuned_versions_are_promoted_by_the_real_gate_not_the_synthetic_split():
+    from chromoseg.finetune import finetune_promotion
+    from chromoseg.registry import _Side
+
+    champ = _Side(0.98, 0.92)
+    ok, why = finetune_promotion(_Side(0.975, None), champ, 0.001, 0.01)
+    assert not ok and "only through the real-image gate" in why
+    ok, why = finetune_promotion(_Side(0.975, 0.93), champ, 0.001, 0.01)  # lower on synthetic, within 0.01
+    assert ok and "beats the champion on the real images" in why
+    ok, why = finetune_promotion(_Side(0.96, 0.95), champ, 0.001, 0.01)
+    assert not ok and "0.0200 below it on the synthetic test split" in why
+    ok, why = finetune_promotion(_Side(0.99, 0.9205), champ, 0.001, 0.01)
+    assert not ok and "does not beat the champion on the real images" in why
