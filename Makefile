@@ -34,8 +34,14 @@ repro: data
 summary: install
 	@chromoseg summary
 
-run: install data
-	@start=$$(date +%s); dvc repro && chromoseg summary && echo "pipeline wall time: $$(( $$(date +%s) - start )) s"
+# Each part's wall time and the total are printed at the end.
+run:
+	@t0=$$(date +%s); \
+	$(MAKE) --no-print-directory install && t1=$$(date +%s) && \
+	$(MAKE) --no-print-directory data && t2=$$(date +%s) && \
+	dvc repro && t3=$$(date +%s) && \
+	chromoseg summary && \
+	echo "wall time: install $$((t1 - t0)) s, data $$((t2 - t1)) s, pipeline $$((t3 - t2)) s, total $$(( $$(date +%s) - t0 )) s"
 
 test: install
 	$(BIN)/pytest -m "not slow and not integration" $(PYTEST_ARGS)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = "data/raw/LowRes_13434_overlapping_pairs.h5"
+# The real-dev images live beside the project (../shared), in every clone alike.
+REAL_DEV = ROOT.parent / "shared" / "data" / "real-dev" / "labelme"
 
 
 def project_env(**extra: str) -> dict:

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from _project import REAL_DEV
+
 for var, val in (
     ("NO_ALBUMENTATIONS_UPDATE", "1"),
     ("MLFLOW_DISABLE_TELEMETRY", "true"),
@@ -15,12 +17,10 @@ for var, val in (
 ):
     os.environ.setdefault(var, val)
 
-REAL_DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real-dev", "labelme")
-
 
 @pytest.fixture(scope="session")
 def real_dev_dir() -> str:
-    path = os.path.abspath(REAL_DEV)
+    path = str(REAL_DEV)
     if not os.path.isdir(path):
         pytest.skip(f"real-dev images not found at {path}")
     return path

@@ -25,7 +25,12 @@ def test_presets_build_valid_configs() -> None:
 
 def test_count_params_counts_what_the_forward_pass_uses() -> None:
     # The encoder stages that depth 3 never runs are deleted, so every weight is used.
-    counts = bench.count_params(TrainConfig(encoder_depth=3, decoder_channels=(16, 8, 8)), 3)
+    counts = bench.count_params(
+        TrainConfig(
+            encoder_depth=3, decoder_channels=(16, 8, 8), full_res_channels=0, global_context=0, ab_aux=False
+        ),
+        3,
+    )
     assert 0 < counts["params_used"] == counts["params"]
 
 
@@ -68,6 +73,8 @@ def test_cli_bench_quick_json(tmp_path: Path) -> None:
 
 
 def test_isolated_phase_runs_in_a_subprocess() -> None:
-    cfg = TrainConfig(encoder_depth=3, decoder_channels=(8, 8, 8))
+    cfg = TrainConfig(
+        encoder_depth=3, decoder_channels=(8, 8, 8), full_res_channels=0, global_context=0, ab_aux=False
+    )
     res = bench.run_isolated(cfg, 3, bench.NAIVE, "infer_b1", bench.Budget(infer_b1_images=2, warmup=1), 1)
     assert res["img_s"] > 0 and res["backend"] == "torch" and res["peak_rss_mb"] >= res["rss_start_mb"]

@@ -1,9 +1,18 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from chromoseg.config import ConfigError, Params, load_params, params_from_dict
+from chromoseg.config import (
+    LEGACY_TRAIN,
+    ConfigError,
+    Params,
+    TrainConfig,
+    load_params,
+    params_from_dict,
+    upgrade_checkpoint_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,12 +87,69 @@ def test_yaml_on_off_accepted_for_switches():
 
 def test_selection_metric_by_mode():
     assert params_from_dict({"combine_label": True}).select_by == "dice"
-    assert params_from_dict({"combine_label": True, "train": {"select_by": "dice_pi"}}).select_by == "dice"
     assert params_from_dict({"combine_label": False}).select_by == "dice_combined"
-    four = {"combine_label": False, "train": {"select_by": "dice_pi"}}
-    assert params_from_dict(four).select_by == "dice_pi"
-    with pytest.raises(ConfigError, match=r"train.select_by: 'iou' is not one of"):
-        params_from_dict({"train": {"select_by": "iou"}})
+
+
+def test_dataclass_defaults_are_params_yaml():
+    """One source of defaults: `Params()` (what bench and library callers get) is params.yaml."""
+    yaml_params = load_params(ROOT / "params.yaml")
+    assert dataclasses.asdict(Params()) == dataclasses.asdict(yaml_params)
+    assert Params() == yaml_params
+
+
+@pytest.mark.parametrize("section", ["synth", "prepare", "train", "infer", "evaluate", "register", "mlflow"])
+def test_every_params_yaml_key_has_a_comment(section):
+    """Each key of params.yaml says on its line (or the comment lines above it) what it does."""
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    start = (
+        lines.index(f"{section}:")
+        if f"{section}:" in lines
+        else next(i for i, line in enumerate(lines) if line.startswith(f"{section}:"))
+    )
+    for i in range(start + 1, len(lines)):
+        line = lines[i]
+        if line and not line.startswith(" "):
+            break
+        if not line.strip() or line.strip().startswith("#") or ":" not in line:
+            continue
+        commented = "#" in line or lines[i - 1].strip().startswith("#")
+        assert commented, f"params.yaml {section}: {line.strip()!r} has no comment"
+
+
+def test_removed_knobs_are_errors_in_params_but_load_from_old_checkpoints():
+    for key, value in (("affine_p", 0.5), ("chromosome_grey_p", 0.0), ("pi_loss", True),
+                       ("select_by", "auto"), ("tta", True)):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"unknown key\(s\) \['{key}'\] in section 'train'"):
+            params_from_dict({"train": {key: value}})
+    with pytest.raises(ConfigError, match=r"train.scheduler: 'onecycle' is not one of"):
+        params_from_dict({"train": {"scheduler": "onecycle"}})
+    with pytest.raises(ConfigError, match=r"train.normalize: 'foreground' is not one of"):
+        params_from_dict({"train": {"normalize": "foreground"}})
+
+
+def test_upgrade_checkpoint_config_fills_what_old_checkpoints_implied():
+    old = {"state_dict": {}, "n_classes": 3, "combine_label": True,
+           "train": {"arch": "Unet", "encoder": "resnet18", "affine_p": 0.5, "tta": True, "pi_loss": False}}  # fmt: skip
+    ck = upgrade_checkpoint_config(old)
+    assert isinstance(ck["train"], TrainConfig)
+    for key, value in LEGACY_TRAIN.items():
+        assert getattr(ck["train"], key) == value, key
+    assert ck["train"].normalize == "none" and ck["train"].ab_aux is False
+    assert ck["ab_order"] == "area"  # before the rule was recorded, A was the larger chromosome
+    assert old["train"]["tta"] is True and "ab_order" not in old  # the input is not changed
+    # A checkpoint of this version comes back as it was written.
+    new = {"state_dict": {}, "n_classes": 4, "combine_label": False, "ab_order": "position",
+           "train": dataclasses.asdict(TrainConfig())}  # fmt: skip
+    got = upgrade_checkpoint_config(new)
+    assert got["train"] == TrainConfig() and got["ab_order"] == "position"
+    with pytest.raises(ConfigError, match="normalize"):
+        upgrade_checkpoint_config({**new, "train": {**new["train"], "normalize": "foreground"}})
+
+
+def test_infer_tta_views_is_validated():
+    assert params_from_dict({"infer": {"tta_views": 4}}).infer.tta_views == 4
+    with pytest.raises(ConfigError, match=r"infer.tta_views must be one of \[1, 2, 4, 8\], got 3"):
+        params_from_dict({"infer": {"tta_views": 3}})
 
 
 def test_register_metric_by_mode():

@@ -238,7 +238,7 @@ def _params(root: Path, **finetune):
 def test_finetune_changes_the_weights_and_logs_its_params(project, monkeypatch):
     import mlflow
 
-    from chromoseg.train import run_train
+    from chromoseg.finetune import run_finetune as run_train
 
     monkeypatch.chdir(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -265,31 +265,28 @@ def test_finetune_changes_the_weights_and_logs_its_params(project, monkeypatch):
     assert "val_dice" in run.data.metrics
 
 
-def test_finetune_refuses_a_gate_that_shares_images_with_the_real_set(project, monkeypatch):
+def test_register_refuses_a_gate_that_shares_images_with_the_fine_tune_set(project, monkeypatch):
+    from chromoseg.finetune_gate import check_gate_disjoint
     from chromoseg.registry import run_register
-    from chromoseg.train import run_train
 
     monkeypatch.chdir(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     gate = _folder(project / "gate", ks=(2, 7))  # pair2 is in the fine-tune set, pair7 is not
     try:
         params = _params(project)
-        (project / "models").mkdir(exist_ok=True)
-        before = _tree(project / "models"), (project / "mlruns.db").exists()
-        with pytest.raises(DataError, match=r"share 1 image\(s\) \(pair2\.json\)"):
-            run_train(params)
-        assert (_tree(project / "models"), (project / "mlruns.db").exists()) == before
-        # register refuses too, before anything is registered.
-        for f, text in (("models/run.json", '{"run_id": "x", "model_uri": "runs:/x/model"}'),
-                        ("eval/run.json", '{"run_id": "x"}'), ("metrics/eval.json", '{"dice": 0.5}')):  # fmt: skip
+        for f, text in (("models/run.json", '{"run_id": "x", "checkpoint_uri": "runs:/x/model.pt"}'),
+                        ("models/model.pt", "x"), ("eval/run.json", '{"run_id": "x"}'),
+                        ("metrics/eval.json", '{"dice": 0.5}')):  # fmt: skip
             (project / f).parent.mkdir(parents=True, exist_ok=True)
-            (project / f).write_text(text)
-        with pytest.raises(DataError, match="images it was fine-tuned on"):
+            if not (project / f).exists():
+                (project / f).write_text(text)
+        store = project / "mlruns.db"
+        before = store.read_bytes() if store.exists() else None
+        with pytest.raises(DataError, match=r"share 1 image\(s\) \(pair2\.json\): the gate would score"):
             run_register(params)
+        assert (store.read_bytes() if store.exists() else None) == before  # the registry is untouched
         # A gate of other images passes the check.
         (gate / "pair2.json").unlink()
-        from chromoseg.finetune import check_gate_disjoint
-
         check_gate_disjoint(_params(project))
     finally:
         import shutil
@@ -306,7 +303,7 @@ def test_finetune_refuses_a_gate_that_shares_images_with_the_real_set(project, m
     ],
 )
 def test_finetune_bad_setup_is_one_clear_error(project, monkeypatch, finetune, words):
-    from chromoseg.train import run_train
+    from chromoseg.finetune import run_finetune as run_train
 
     monkeypatch.chdir(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -324,7 +321,7 @@ def _as_dict(params) -> dict:
 
 
 def test_finetuned_versions_are_promoted_by_the_real_gate_not_the_synthetic_split():
-    from chromoseg.finetune import finetune_promotion
+    from chromoseg.finetune_gate import finetune_promotion
     from chromoseg.registry import _Side
 
     champ = _Side(0.98, 0.92)

@@ -97,3 +97,61 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["import", "kaggle", str(p), "--out", str(tmp_path / "o.h5")])
     assert res.exit_code == 2
     assert not (tmp_path / "o.h5").exists()
+
+
+def _unusable(case: str) -> np.ndarray:
+    """(N, H, W, 2) files that read fine but cannot be a LowRes pair set."""
+    if case == "labels above 3":
+        a = _arr(4, 88, 88)
+        a[..., 1] += 4  # e.g. a label coding shifted by 4, or the channels swapped
+        return a
+    return _arr(4, 64, 64)  # a smaller frame: another scale
+
+
+UNUSABLE = [("labels above 3", "labelled pixels have values >= 4"), ("64x64 images", "images are 64 x 64 px")]
+
+
+@pytest.mark.parametrize(("case", "words"), UNUSABLE)
+def test_unusable_files_are_refused_at_import_with_prepares_error(tmp_path, monkeypatch, case, words):
+    from chromoseg.config import params_from_dict
+    from chromoseg.data.io import write_dataset
+    from chromoseg.prepare import run_prepare
+
+    arr = _unusable(case)
+    src = tmp_path / "pairs.h5"
+    _write(src, KEY_RAW, arr)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "old.h5").write_bytes(b"old")
+    with pytest.raises(DataError, match=words) as imported:
+        import_kaggle(src, raw / "new.h5")
+    assert "\n" not in str(imported.value)
+    assert sorted(p.name for p in raw.iterdir()) == ["old.h5"]
+
+    # The same arrays reaching `prepare` (e.g. copied into data/raw by hand) fail with the same line.
+    monkeypatch.chdir(tmp_path)
+    write_dataset("direct.h5", arr[..., 0], arr[..., 1])
+    params = params_from_dict({"prepare": {"raw": "direct.h5", "out_dir": "prep", "metrics": "m.json"}})
+    with pytest.raises(DataError) as prepared:
+        run_prepare(params)
+    assert str(prepared.value).replace("direct.h5", str(src)) == str(imported.value)
+    assert not (tmp_path / "prep").exists()
+
+
+@pytest.mark.parametrize(("case", "words"), UNUSABLE)
+def test_cli_refuses_unusable_file_in_one_line(tmp_path, case, words):
+    src = tmp_path / "pairs.h5"
+    _write(src, KEY_RAW, _unusable(case))
+    res = CliRunner().invoke(app, ["import", "kaggle", str(src), "--out", str(tmp_path / "o.h5")])
+    assert res.exit_code == 2, res.output
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_a_few_stray_label_values_are_left_to_prepare(tmp_path):
+    # Pommier's raw file has a few values >= 4; prepare's label_policy repairs or drops those.
+    a = _arr(4, 88, 88)
+    a[0, 10:12, 10:12, 1] = 4
+    src = tmp_path / "pairs.h5"
+    _write(src, KEY_RAW, a)
+    out = import_kaggle(src, tmp_path / "raw" / "pairs.h5")
+    assert int(read_dataset(out).labels.max()) == 4

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _project import REAL_DEV
 from chromoseg.data.io import DataError, read_dataset
 from chromoseg.data.labelme import (
-    estimate_width,
     import_labelme,
     load_labelme_dir,
     polygon_mask,
     read_labelme,
 )
+from chromoseg.geometry import estimate_width
 
-REAL_DEV = Path("/work/shared/data/real-dev/labelme")
 needs_real = pytest.mark.skipif(not REAL_DEV.is_dir(), reason="real-dev files not available")
 
 

@@ -80,8 +80,9 @@ def model_uri(tmp_path_factory) -> tuple[Path, str]:
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["chromoseg", "synth", "--n", "60", "--out", "data/raw/LowRes_13434_overlapping_pairs.h5"], proj)
     _run(["chromoseg", "prepare"], proj)
-    _run(["chromoseg", "train"], proj)
-    return proj, json.loads((proj / "models/run.json").read_text())["model_uri"]
+    for stage in ("train", "evaluate", "register"):  # register builds the served model
+        _run(["chromoseg", stage], proj)
+    return proj, "models:/chromoseg-unet@champion"
 
 
 @pytest.fixture(scope="module")

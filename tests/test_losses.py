@@ -100,7 +100,9 @@ def test_predictor_orders_4_class_output_like_the_training_labels():
     # The network answers with the smaller chromosome as "A" in image 1.
     raw = y.copy()
     raw[1] = np.array([0, 2, 1, 3], np.uint8)[y[1]]
-    cfg = TrainConfig(encoder_depth=3, decoder_channels=(16, 8, 4))
+    cfg = TrainConfig(
+        encoder_depth=3, decoder_channels=(16, 8, 4), full_res_channels=0, global_context=0, ab_aux=False
+    )
     images = np.zeros((2, 8, 8), np.float32)
     plan = exec_plan("fp32", "off")
     as_is = Predictor(_Fixed(raw), cfg, 4, plan, backend="torch").predict_labels(images)

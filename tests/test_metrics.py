@@ -8,6 +8,8 @@ from chromoseg.metrics import (
     SegmentationMetrics,
     confusion_per_image,
     ghosh_dice,
+    instance_components,
+    instances_connected,
     per_image_dice,
     permutation_invariant,
 )
@@ -136,3 +138,82 @@ def test_canonical_ab_area_and_position():
     np.testing.assert_array_equal(canonical_ab(batch, "position")[1], [[1, 1], [2, 2]])
     with pytest.raises(ValueError, match="not one of"):
         canonical_ab(lab, "size")
+
+
+def _grid(rows: str) -> np.ndarray:
+    """An 8x8 label map from 8 strings of digits (0 bg, 1 A, 2 B, 3 overlap)."""
+    return np.array([[int(c) for c in r] for r in rows.split()], np.uint8)
+
+
+CROSS = _grid("00020000 00020000 00020000 11131111 00020000 00020000 00020000 00000000")
+# B lies across A with no overlap pixel: A is cut into a left and a right piece.
+A_CUT_BY_B = _grid("00020000 00020000 00020000 11121111 00020000 00020000 00020000 00000000")
+# A touches itself only corner to corner: one 8-connected region (two 4-connected ones).
+A_DIAGONAL = _grid("11000000 11000000 00110000 00110000 00000000 00000222 00000222 00000222")
+# One chromosome painted A at the top and B at the bottom, beside a second chromosome B.
+A_B_MIXED = _grid("01100220 01100220 01100220 02200220 02200220 02200220 00000000 00000000")
+# A's two arms are joined only through overlap pixels, which belong to both chromosomes.
+A_VIA_OVERLAP = _grid("00000000 11300000 00322222 00311000 00000000 00000000 00000000 00000000")
+B_MISSING = _grid("00000000 01111110 01111110 00000000 00000000 00000000 00000000 00000000")
+
+
+@pytest.mark.parametrize(
+    ("labels", "components", "connected"),
+    [
+        (CROSS, [1, 1], True),
+        (A_CUT_BY_B, [2, 1], False),
+        (A_DIAGONAL, [1, 1], True),
+        (A_B_MIXED, [1, 2], False),
+        (A_VIA_OVERLAP, [1, 1], True),
+        (B_MISSING, [1, 0], False),
+    ],
+    ids=["cross", "A cut by B", "A diagonal", "A/B mixed", "A via overlap", "B missing"],
+)
+def test_instances_connected_by_hand(labels, components, connected):
+    assert instance_components(labels).tolist() == [components]
+    assert instances_connected(labels[None]).tolist() == [connected]
+
+
+def test_instance_components_never_join_two_images():
+    # A on the last row of image 0 and the first row of image 1: still one component in each.
+    first = _grid("00000000 00000000 00000000 00000000 00000000 00222000 00222000 11111111")
+    second = _grid("11111111 00000000 00222000 00000000 00000000 00000000 00000000 00000000")
+    stack = np.stack([first, second, A_CUT_BY_B])
+    assert instance_components(stack).tolist() == [[1, 1], [1, 1], [2, 1]]
+    assert instances_connected(stack).tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("combine_label", [False, True])
+def test_evaluation_reports_the_share_of_connected_pairs(combine_label):
+    from chromoseg.evaluate import score
+
+    truth4 = np.stack([CROSS, CROSS, A_DIAGONAL, A_DIAGONAL])
+    pred4 = np.stack([CROSS, A_CUT_BY_B, A_DIAGONAL, A_B_MIXED])  # what the instance masks give
+    pred = combine_labels(pred4) if combine_label else pred4
+    truth = combine_labels(truth4) if combine_label else truth4
+    metrics, _ = score(pred, truth, truth4, combine_label, pred4)
+    assert metrics["instances_connected"] == 0.5
+    # Without instance masks there is nothing to check.
+    assert "instances_connected" not in score(pred, truth, truth4, combine_label)[0]
+
+
+def test_summary_shows_the_share_of_connected_pairs(tmp_path, monkeypatch):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from chromoseg.cli import app
+
+    shutil.copy2(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    ev = {"combine_label": True, "n_images": 4, "dice": 0.9, "iou_overlap": 0.8, "instances_connected": 0.75}
+    ev["iou_per_class"] = {"background": 1.0, "chromosome": 0.9, "overlap": 0.8}
+    tr = {"train_seconds": 1, "best_val_dice": 0.9, "best_epoch": 0, "precision": "fp32"}
+    for name, doc in (("eval", ev), ("train", tr), ("register", {"verdict": "promoted"})):
+        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(app, ["summary"])
+    assert res.exit_code == 0, res.output
+    assert "A and B each one region     0.7500 of images" in res.output

@@ -1,4 +1,9 @@
-"""End to end: the real `dvc repro` on a tiny synthetic set in a copy of the repository."""
+"""End to end: the real `dvc repro` on a tiny synthetic set in a copy of the repository.
+
+The module fixture builds the project once and records what the first `dvc repro` wrote; tests that
+change the project (an experiment, a param edit) compare against the state they find, so any order
+of the tests passes.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +42,14 @@ def project(tmp_path_factory):
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], proj, env)
     out = _run(["dvc", "repro"], proj, env)
-    return proj, env, out
+    first = {
+        "eval": json.loads((proj / "metrics/eval.json").read_text()),
+        "register": json.loads((proj / "metrics/register.json").read_text()),
+        "run_id": json.loads((proj / "models/run.json").read_text())["run_id"],
+        "history": (proj / "plots/train_history.csv").read_text(),
+        "predictions_png": (proj / "plots/eval/predictions.png").is_file(),
+    }
+    return proj, env, out, first
 
 
 def params_of(proj) -> dict:
@@ -45,10 +57,10 @@ def params_of(proj) -> dict:
 
 
 def test_repro_runs_all_stages_and_writes_metrics(project):
-    proj, _, out = project
+    proj, _, out, first = project
     for stage in ("prepare", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
-    ev = json.loads((proj / "metrics/eval.json").read_text())
+    ev = first["eval"]
     assert ev["combine_label"] is True
     assert ev["n_images"] > 0
     assert 0.0 <= ev["dice"] <= 1.0
@@ -57,35 +69,31 @@ def test_repro_runs_all_stages_and_writes_metrics(project):
     assert "iou_chromosomes_pi" in ev
     # The default trains the A/B head, and its split gives the chromosome masks.
     assert params_of(proj)["train"]["ab_aux"] is True and ev["separation"] == "ab_head"
-    assert ev["tta"] is True  # the default predicts with test-time augmentation
-    assert (proj / "plots/eval/predictions.png").is_file()
-    assert (proj / "plots/train_history.csv").read_text().startswith("epoch,train_loss,val_dice")
+    assert ev["tta_views"] == 8  # the default predicts with 8-view test-time augmentation
+    assert first["predictions_png"]
+    assert first["history"].startswith("epoch,train_loss,val_dice")
 
 
 def test_mlflow_run_and_champion(project):
     import mlflow
 
-    proj, _, _ = project
+    proj, _, _, first = project
     uri = f"sqlite:///{proj}/mlruns.db"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.get_experiment_by_name("chromoseg")
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    run = client.get_run(first["run_id"])  # the first training run, whatever ran since
     assert run.data.params["combine_label"] == "True"
     assert run.data.params["train.epochs"] == "1"
     assert "dice" in run.data.metrics and "val_dice" in run.data.metrics and "train_loss" in run.data.metrics
-    ev = json.loads((proj / "metrics/eval.json").read_text())
+    ev = first["eval"]
     assert run.data.metrics["dice"] == pytest.approx(ev["dice"])
     assert "chromoseg.promotion" in run.data.tags
     # The default predicts with test-time augmentation, in evaluation and in the served model alike.
-    assert run.data.tags["eval.tta"] == "True"
-    champ = client.get_model_version_by_alias("chromoseg-unet", "champion")
-    assert str(champ.version) == "1"
+    assert run.data.tags["eval.tta_views"] == "8"
+    assert first["register"]["version"] == 1 and first["register"]["promoted"] is True
     mlflow.set_registry_uri(uri)
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/chromoseg-unet@champion")
-    assert model.unwrap_python_model().predictor.tta is True
+    model = mlflow.pyfunc.load_model("models:/chromoseg-unet/1")
+    assert model.unwrap_python_model().predictor.tta_views == 8
     from chromoseg.prepare import load_split
 
     test = load_split(proj / "data/prepared", "test")
@@ -95,17 +103,33 @@ def test_mlflow_run_and_champion(project):
 
 
 def test_second_repro_runs_nothing_and_eval_param_reruns_only_eval(project):
-    proj, env, _ = project
+    proj, env, _, _ = project
     out = _run(["dvc", "repro"], proj, env)
     assert "Running stage" not in out
+    before = json.loads((proj / "metrics/register.json").read_text())
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["evaluate"]["n_overlays"] = 2
+    params["evaluate"]["n_overlays"] = 2 if params["evaluate"]["n_overlays"] != 2 else 3
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], proj, env)
     assert "Running stage 'evaluate'" in out and "Running stage 'register'" in out
     assert "Running stage 'train'" not in out and "Running stage 'prepare'" not in out
     reg = json.loads((proj / "metrics/register.json").read_text())
-    assert reg["version"] == 2 and reg["champion_version_before"] == 1
+    champion = before["version"] if before["promoted"] else before["champion_version_before"]
+    assert reg["version"] == before["version"] + 1 and reg["champion_version_before"] == champion
+
+
+def test_inference_setting_reruns_evaluate_and_register_only(project):
+    proj, env, _, _ = project
+    params = params_of(proj)
+    views = 4 if params["infer"]["tta_views"] != 4 else 2
+    params["infer"]["tta_views"] = views
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run(["dvc", "status"], proj, env)
+    assert "evaluate:" in status and "register:" in status and "train:" not in status
+    out = _run(["dvc", "repro"], proj, env)
+    assert "Running stage 'evaluate'" in out and "Running stage 'register'" in out
+    assert "Running stage 'train'" not in out and "Running stage 'prepare'" not in out
+    assert json.loads((proj / "metrics/eval.json").read_text())["tta_views"] == views
 
 
 def assert_saved_best_epoch(proj, selected_by: str) -> None:
@@ -122,7 +146,7 @@ def assert_saved_best_epoch(proj, selected_by: str) -> None:
 
 
 def test_exp_run_four_classes(project):
-    proj, env, _ = project
+    proj, env, _, _ = project
     assert_saved_best_epoch(proj, "dice")
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "eval"], proj, env)
@@ -205,7 +229,7 @@ def test_register_real_image_gate(project):
 
     from chromoseg.prepare import load_split
 
-    proj, env, _ = project
+    proj, env, _, _ = project
     test = load_split(proj / "data/prepared", "test")
     write_labelme_pairs(proj / "real", test["images"][:5], test["labels4"][:5])
     uri = f"sqlite:///{proj}/mlruns.db"
@@ -232,24 +256,26 @@ def test_register_real_image_gate(project):
     assert "Running stage 'register'" in out and "Running stage 'train'" not in out
     reg = json.loads(reg_file.read_text())
     assert reg["version"] == n_versions + 1 and reg["real_set"]["n_images"] == 5
-    assert reg["score_kind"] == "dice_pi"  # 4 classes (the experiment above), register.metric auto
-    # The gate's figures are evaluate-external's on the same folder, for candidate and champion.
-    for version, key in (
+    key = "dice" if params_of(proj)["combine_label"] else "dice_pi"  # register.metric auto
+    assert reg["score_kind"] == key
+    # The gate's figures are evaluate-external's on the same folder (at the polygons' scale), for
+    # candidate and champion.
+    for version, score in (
         (reg["version"], "candidate_real_score"),
         (reg["champion_version_before"], "champion_real_score"),
     ):
         _run(
             ["chromoseg", "evaluate-external", "--labelme", "real", "--model",
-             f"models:/chromoseg-unet/{version}", "--out", "ext.json"],
+             f"models:/chromoseg-unet/{version}", "--out", "ext.json", "--width-from", "labels"],
             proj, env,
         )  # fmt: skip
         ext = json.loads((proj / "ext.json").read_text())
-        assert reg[key] == pytest.approx(ext["dice_pi"], abs=1e-9)
-    # The scale measured on the grey image instead of the polygons: these are images at the training
-    # scale, so each factor is near 1 (the polygons' width gives about 1 too).
+        assert reg[score] == pytest.approx(ext[key], abs=1e-9)
+    # By default the scale is measured on the grey image instead of the polygons: these are images at
+    # the training scale, so each factor is near 1 (the polygons' width gives about 1 too).
     _run(
         ["chromoseg", "evaluate-external", "--labelme", "real", "--model",
-         f"models:/chromoseg-unet/{reg['version']}", "--out", "ext_image.json", "--width-from", "image"],
+         f"models:/chromoseg-unet/{reg['version']}", "--out", "ext_image.json"],
         proj, env,
     )  # fmt: skip
     ext_image = json.loads((proj / "ext_image.json").read_text())
@@ -265,4 +291,4 @@ def test_register_real_image_gate(project):
     )
     assert reg["promoted"] is promote and "5 real images" in reg["verdict"]
     tags = client.get_model_version("chromoseg-unet", str(reg["version"])).tags
-    assert tags["real_score"] == f"{reg['candidate_real_score']:.6f}" and tags["real_score_kind"] == "dice_pi"
+    assert tags["real_score"] == f"{reg['candidate_real_score']:.6f}" and tags["real_score_kind"] == key

@@ -96,10 +96,11 @@ def test_summary_areas_and_overlap_fraction() -> None:
 
 
 def test_predict_files_writes_label_overlay_and_json(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(P, "LocalModel", lambda uri: StubModel())
+    monkeypatch.setattr(P, "LocalModel", lambda uri, infer=None: StubModel())
     a = write_png(tmp_path / "a.png", np.full((30, 40), 70, np.uint8))
     b = write_png(tmp_path / "b.png", np.full((50, 20), 70, np.uint8))
-    rows = P.predict_files([a, b, a], tmp_path / "out", model="models:/x@champion")
+    rows = P.predict_files([a, b, a], tmp_path / "out", model="models:/x@champion", scale=1)
+    assert [(r["scale"], r["scale_from"]) for r in rows] == [(1.0, "given")] * 3
     assert [r["image"] for r in rows] == [str(a), str(b), str(a)]
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
@@ -128,7 +129,7 @@ def test_remote_unreachable_says_how_to_fix() -> None:
 def test_cli_predict(tmp_path: Path, monkeypatch) -> None:
     from chromoseg.cli import app
 
-    monkeypatch.setattr(P, "LocalModel", lambda uri: StubModel())
+    monkeypatch.setattr(P, "LocalModel", lambda uri, infer=None: StubModel())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     img = write_png(tmp_path / "c.png", np.full((40, 40), 70, np.uint8))
     result = CliRunner().invoke(app, ["predict", str(img), "--out", str(tmp_path / "o"), "--scale", "0.5"])

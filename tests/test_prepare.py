@@ -38,7 +38,13 @@ def test_prepare_writes_splits_and_combines(tmp_path, small_synth, monkeypatch):
     p = params_from_dict(
         {
             "combine_label": True,
-            "prepare": {"raw": str(raw), "out_dir": "prep", "val_size": 4, "metrics": "m.json"},
+            "prepare": {
+                "raw": str(raw),
+                "out_dir": "prep",
+                "val_size": 4,
+                "metrics": "m.json",
+                "ab_order": "area",
+            },
         }
     )
     summary = run_prepare(p)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from _project import REAL_DEV
 from chromoseg.cli import app
 from chromoseg.config import SynthConfig
 from chromoseg.data.labelme import load_labelme_dir
 from chromoseg.data.report import MATCHED_KEYS, STAT_KEYS, compare_stats, dataset_stats
 from chromoseg.data.synth import generate, synthesize_to_file
 
-REAL_DEV = Path("/work/shared/data/real-dev/labelme")
 needs_real = pytest.mark.skipif(not REAL_DEV.is_dir(), reason="real-dev files not available")
 CFG = SynthConfig(workers=1)
 
@@ -66,6 +64,8 @@ def test_report_cli_writes_card(tmp_path):
 
 
 def test_report_cli_missing_file_is_one_line_error(tmp_path):
-    res = CliRunner().invoke(app, ["data", "report", "--raw", str(tmp_path / "none.h5")])
+    out = tmp_path / "reports"
+    res = CliRunner().invoke(app, ["data", "report", "--raw", str(tmp_path / "none.h5"), "--out", str(out)])
     assert res.exit_code == 2
-    assert not (Path("reports") / "none").exists()
+    assert "Traceback" not in res.output
+    assert not out.exists()  # nothing written for a dataset that is not there

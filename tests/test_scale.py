@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from chromoseg import predict as P
-from chromoseg.data.scale import REFERENCE_WIDTH, ScaleError, auto_scale, foreground_mask, image_width
+from chromoseg.data.scale import REFERENCE_WIDTH, ScaleError, auto_scale
+from chromoseg.geometry import foreground_mask, image_width
 
 
 def upscale(image: np.ndarray, factor: float) -> np.ndarray:
@@ -72,14 +73,16 @@ def test_predict_scale_auto(tmp_path: Path, monkeypatch, small_synth) -> None:
     from test_predict import StubModel, write_png
 
     stub = StubModel()
-    monkeypatch.setattr(P, "LocalModel", lambda uri: stub)
+    monkeypatch.setattr(P, "LocalModel", lambda uri, infer=None: stub)
     big = write_png(tmp_path / "big.png", upscale(small_synth[0][3], 2.0))
     small = write_png(tmp_path / "small.png", small_synth[0][3])
-    rows = P.predict_files([big, small], tmp_path / "out", model="models:/x@champion", scale="auto")
+    # auto is the default: each image's scale measured, the LowRes-sized one left as it is.
+    rows = P.predict_files([big, small], tmp_path / "out", model="models:/x@champion")
     assert [r["scale_from"] for r in rows] == ["image", "image"]
-    assert abs(rows[0]["scale"] * 2 / rows[1]["scale"] - 1) < 0.1
-    # the model saw both at about the same size, and the masks come back at the input's size
-    assert abs(stub.seen[0][0] - stub.seen[1][0]) <= 0.1 * stub.seen[1][0]
+    assert rows[1]["scale"] == 1.0 and stub.seen[1] == (88, 88)
+    # the big one measures at half the small one's scale and is brought to the training width
+    assert abs(rows[0]["scale"] * 2 / auto_scale(small_synth[0][3]) - 1) < 0.1
+    assert abs(stub.seen[0][0] - 176 * rows[0]["scale"]) <= 1
     summary = json.loads((tmp_path / "out" / "big_summary.json").read_text())
     assert (summary["height"], summary["width"]) == (176, 176)
 
@@ -87,10 +90,24 @@ def test_predict_scale_auto(tmp_path: Path, monkeypatch, small_synth) -> None:
 def test_predict_scale_errors(tmp_path: Path, monkeypatch) -> None:
     from test_predict import StubModel, write_png
 
-    monkeypatch.setattr(P, "LocalModel", lambda uri: StubModel())
+    monkeypatch.setattr(P, "LocalModel", lambda uri, infer=None: StubModel())
     blank = write_png(tmp_path / "blank.png", np.zeros((40, 40), np.uint8))
     with pytest.raises(P.PredictError, match=r"blank\.png: .*uniform.*--scale"):
         P.predict_files([blank], tmp_path / "out", model="m", scale="auto")
     with pytest.raises(P.PredictError, match="number > 0 or 'auto'"):
         P.predict_files([blank], tmp_path / "out", model="m", scale="half")
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_lowres_images_are_left_at_their_scale(small_synth) -> None:
+    """auto on images at the training scale: nearly all measure inside the trained widths (scale 1),
+    the rest stay close to 1; the band follows the generator's width range."""
+    from chromoseg.config import SynthConfig
+    from chromoseg.data.scale import LABEL_WIDTH_MEDIAN, MEASUREMENT_SPREAD, TRAINED_WIDTHS, image_scales
+
+    lo, hi = SynthConfig().width_range
+    band = (lo * (1 - MEASUREMENT_SPREAD), hi * (1 + MEASUREMENT_SPREAD))
+    assert pytest.approx([REFERENCE_WIDTH * w / LABEL_WIDTH_MEDIAN for w in band]) == TRAINED_WIDTHS
+    scales = np.array(image_scales(list(small_synth[0]), "auto"))
+    assert np.mean(scales == 1.0) >= 0.9
+    assert np.all((scales > 0.75) & (scales < 1.35))

@@ -187,7 +187,7 @@ def test_four_class_speck_goes_to_the_surrounding_chromosome() -> None:
 
 
 def test_postprocess_uses_the_model_split_and_cleans_it_like_the_combined_labels() -> None:
-    from chromoseg.serving import postprocess
+    from chromoseg.pipeline import postprocess
 
     a, b = bar(4, 44, 21, 27), bar(20, 26, 4, 44)
     lab4 = instances_to_labels4(a, b)
@@ -264,7 +264,7 @@ def test_real_dev_truth_overlaps_are_all_kept(real_dev_dir) -> None:
 
 
 def test_postprocess_gives_one_sided_overlap_to_its_chromosome() -> None:
-    from chromoseg.serving import postprocess
+    from chromoseg.pipeline import postprocess
 
     a, b, lab4 = touching_pair_with_false_overlap()
     for labels4 in (lab4[None], None):  # the model's A/B split; geometry (the combined map only)

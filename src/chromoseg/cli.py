@@ -9,14 +9,50 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-from chromoseg.config import ConfigError, Params, load_params
+from chromoseg.config import Params, load_params
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+try:  # recent typer parses with its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Click's usage errors (unknown option, a value of the wrong type or out of range) as one line."""
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # `chromoseg` / `chromoseg import` alone: the help text, as asked for
+    except UsageError as exc:
+        path = exc.ctx.command_path if exc.ctx is not None else "chromoseg"
+        _setup_logging()  # the error can come before the app callback has run
+        fail(f"{path}: {exc.format_message().rstrip('.')}; see `{path} --help`")
+
+
+class _Group(TyperGroup):
+    """The app's command group: every error, usage errors included, is one line with exit code 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[no-untyped-def]
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        # Subcommands (and the `import` / `data` groups) parse their arguments in here.
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=_Group)
 import_app = typer.Typer(
     no_args_is_help=True,
     help="Import real data in Pommier's format (kaggle: data/raw/, labelme: data/real/).",
@@ -56,38 +92,73 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 
 def _params(path: Path) -> Params:
-    try:
-        return load_params(path)
-    except ConfigError as exc:
-        fail(str(exc))
+    return run_guarded(load_params, path)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Log a one-line error for the user and exit non-zero."""
-    log.error(message)
+    # Messages that quote other tools (a server's log, an MLflow error) can span lines.
+    log.error("; ".join(line.strip() for line in message.splitlines() if line.strip()))
     raise typer.Exit(code)
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Run `fn`, turning expected user errors into a clean one-line message and exit code 2."""
-    from chromoseg.data.io import DataError
+    """Run `fn`, turning user errors into a one-line message and exit code 2.
 
+    ValueError covers bad values (DataError and ConfigError are ValueErrors); OSError an output path
+    that cannot be written. `--verbose` logs the traceback as well.
+    """
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        fail(str(exc))
+    except (ValueError, OSError) as exc:
+        log.debug("traceback", exc_info=True)
+        fail(_describe(exc))
+
+
+def _describe(exc: Exception) -> str:
+    # An OSError from the system names a path; the project's own FileNotFoundErrors carry a message.
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}; check the path and its permissions"
+    return str(exc)
+
+
+def _output_file(path: Path | None, example: str) -> None:
+    """Fail before any work when the --out file path is an existing folder."""
+    if path is not None and path.is_dir():
+        fail(f"--out {path} is a folder; give a file path such as {path / example}")
+
+
+# Wall time of each stage's last run, for `chromoseg summary` (not a DVC output: timings vary).
+STAGE_TIMES = Path(".chromoseg/stage_times.json")
+
+
+def run_stage(name: str, fn, params: Params):
+    """Run a pipeline stage under `run_guarded`; log its wall time and record it in STAGE_TIMES."""
+    t0 = time.perf_counter()
+    result = run_guarded(fn, params)
+    seconds = round(time.perf_counter() - t0, 1)
+    log.info("stage %s done in %.1f s", name, seconds)
+    try:
+        times = json.loads(STAGE_TIMES.read_text()) if STAGE_TIMES.is_file() else {}
+    except (OSError, ValueError):
+        times = {}
+    times[name] = seconds
+    STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
+    STAGE_TIMES.write_text(json.dumps(times, indent=1) + "\n")
+    return result
 
 
 @app.command()
 def synth(
     params: ParamsOpt = Path("params.yaml"),
-    n: Annotated[int | None, typer.Option(help="Number of images (default: synth.n_images).")] = None,
+    n: Annotated[int | None, typer.Option(min=1, help="Number of images (default: synth.n_images).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output HDF5 (default: synth.out).")] = None,
 ) -> None:
     """Generate the default synthetic dataset in Pommier's HDF5 format (deterministic)."""
     from chromoseg.data.synth import synthesize_to_file
 
     p = _params(params)
+    _output_file(out, "pairs.h5")
     run_guarded(synthesize_to_file, p.synth, out=out, n=n)
 
 
@@ -96,16 +167,25 @@ def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
     """Stage 1: validate labels, combine classes, split into train/val/test."""
     from chromoseg.prepare import run_prepare
 
-    run_guarded(run_prepare, _params(params))
+    run_stage("prepare", run_prepare, _params(params))
 
 
 @app.command()
 def train(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Stage 2: train the U-Net, log the run and the model to MLflow (data-parallel under torchrun)."""
+    """Stage 2: train the U-Net, log the run and the model to MLflow (data-parallel under torchrun).
+
+    With finetune.data set: fine-tune finetune.init on that real set mixed with synthetic images.
+    """
     from chromoseg.train import TrainingInterruptedError, run_train
 
+    p = _params(params)
+    if p.finetune.data:
+        from chromoseg.finetune import run_finetune
+
+        run_stage("train", run_finetune, p)
+        return
     try:
-        run_guarded(run_train, _params(params))
+        run_stage("train", run_train, p)
     except TrainingInterruptedError as exc:
         fail(str(exc), code=128 + exc.signum)
 
@@ -115,7 +195,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Stage 3: score the trained model on the test split; metrics, plots, overlays."""
     from chromoseg.evaluate import run_evaluate
 
-    run_guarded(run_evaluate, _params(params))
+    run_stage("evaluate", run_evaluate, _params(params))
 
 
 @app.command()
@@ -123,7 +203,7 @@ def register(params: ParamsOpt = Path("params.yaml")) -> None:
     """Stage 4: register the model and move the champion alias if it wins on the test split."""
     from chromoseg.registry import run_register
 
-    run_guarded(run_register, _params(params))
+    run_stage("register", run_register, _params(params))
 
 
 @app.command()
@@ -136,7 +216,7 @@ def bench(
     preset: Annotated[
         str | None, typer.Option(help="Model size from chromoseg.bench.PRESETS instead of params' train.")
     ] = None,
-    threads: Annotated[int, typer.Option(help="Intra-op threads (0: all cores).")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="Intra-op threads (0: all cores).")] = 0,
     sweep: Annotated[
         str | None, typer.Option(help="Comma-separated presets: every precision/backend variant per size.")
     ] = None,
@@ -164,6 +244,8 @@ def bench(
         if preset:
             cfg = b.preset(preset, cfg)
         if sweep:
+            for name in sweep.split(","):
+                b.preset(name)  # every name checked before the first (minutes-long) preset runs
             rows = b.sweep(tuple(sweep.split(",")), n_classes, quick=quick, threads=threads,
                            emulate_avx2=emulate_avx2)  # fmt: skip
             typer.echo(json.dumps(rows, indent=1) if as_json else b.format_sweep(rows))
@@ -199,10 +281,11 @@ def evaluate_external(
         str,
         typer.Option(
             "--width-from",
-            help="What sets each image's scale: 'labels' (the polygons' width) or 'image' (measured on "
-            "the grey image, as predict --scale auto does).",
+            help="What sets each image's scale: 'image' (default: measured on the grey image, as "
+            "predict and the served model do) or 'labels' (the polygons' width).",
         ),
-    ] = "labels",
+    ] = "image",
+    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a model on real labelme-annotated images (rescaled to the 88x88 scale)."""
     from chromoseg.data.labelme import WIDTH_SOURCES
@@ -210,7 +293,10 @@ def evaluate_external(
 
     if width_from not in WIDTH_SOURCES:
         fail(f"--width-from must be one of {', '.join(WIDTH_SOURCES)}, got {width_from!r}")
-    m = run_guarded(run_evaluate_external, labelme, model, out, width_from)
+    _output_file(out, "eval_external.json")
+    _point_mlflow(params)
+    infer = _params(params).infer if params.is_file() else None
+    m = run_guarded(run_evaluate_external, labelme, model, out, width_from, infer)
     typer.echo(json.dumps({k: m[k] for k in ("dice", "iou_overlap", "iou_chromosomes_pi") if k in m}))
 
 
@@ -224,7 +310,10 @@ def predict(
     ),
     model: Annotated[
         str | None,
-        typer.Option(help="Model URI loaded in-process (default models:/chromoseg-unet@champion)."),
+        typer.Option(
+            help="Model run in-process: models:/NAME@ALIAS, runs:/ID/PATH, a model folder or a "
+            "model.pt file (default models:/chromoseg-unet@champion)."
+        ),
     ] = None,
     url: Annotated[
         str | None, typer.Option(help="A running scoring server instead, e.g. http://127.0.0.1:5001.")
@@ -232,24 +321,28 @@ def predict(
     scale: Annotated[
         str,
         typer.Option(
-            help="Resize factor before inference (0.5 for real-dev images, ~2x the 88x88 scale), or "
-            "'auto': measured on each image from its chromosomes' width."
+            help="'auto' (default): each image's chromosome width is measured and the image brought to "
+            "the training scale; or a resize factor for every image (0.5 for images at twice the "
+            "88x88 scale, 1 for LowRes-sized ones)."
         ),
-    ] = "1.0",
+    ] = "auto",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Segment images: per image a label PNG, an A/B/overlap overlay and a JSON summary."""
     import json
 
-    from chromoseg.predict import DEFAULT_MODEL, PredictError, predict_files
+    from chromoseg.predict import DEFAULT_MODEL, predict_files
 
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder for the predictions")
+    if url is not None and not url.startswith(("http://", "https://")):
+        fail(f"--url {url!r} is not an http(s) URL; give the server's address, e.g. http://127.0.0.1:5001")
+    infer = None
     if url is None:
         model = model or DEFAULT_MODEL
         _point_mlflow(params)
-    try:
-        rows = predict_files(images, out, model=model, url=url, scale=scale)
-    except PredictError as exc:
-        fail(str(exc))
+        infer = _params(params).infer if params.is_file() else None
+    rows = run_guarded(predict_files, images, out, model=model, url=url, scale=scale, infer=infer)
     typer.echo(json.dumps(rows, indent=1))
 
 
@@ -269,9 +362,9 @@ def _point_mlflow(params: Path) -> None:
 @app.command("bench-serve")
 def bench_serve_cmd(
     model: Annotated[str, typer.Option(help="Model URI to serve.")] = "models:/chromoseg-unet@champion",
-    n_single: Annotated[int, typer.Option(help="Timed single-image requests.")] = 50,
-    n_batch: Annotated[int, typer.Option(help="Timed batch requests.")] = 10,
-    batch: Annotated[int, typer.Option(help="Images per batch request.")] = 32,
+    n_single: Annotated[int, typer.Option(min=1, help="Timed single-image requests.")] = 50,
+    n_batch: Annotated[int, typer.Option(min=1, help="Timed batch requests.")] = 10,
+    batch: Annotated[int, typer.Option(min=1, help="Images per batch request.")] = 32,
     payload: Annotated[str, typer.Option(help="json (nested uint8 lists) or png (base64 strings).")] = "json",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
@@ -311,7 +404,8 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
         lines.append((label, json.loads(f.read_text())))
     ev, reg, tr = (d for _, d in lines)
     mode = "combined (3 classes)" if ev["combine_label"] else "4 classes"
-    views = ", 8-view test-time augmentation" if ev.get("tta") else ""
+    n_views = ev.get("tta_views", 1)
+    views = f", {n_views}-view test-time augmentation" if n_views > 1 else ""
     out = [
         f"chromoseg: {mode}, {ev['n_images']} test images{views}",
         f"  test dice (Ghosh 2017)      {ev['dice']:.4f}",
@@ -322,12 +416,21 @@ def summary(params: ParamsOpt = Path("params.yaml")) -> None:
             out.append(f"  {name:<28}{ev[key]:.4f}")
     if "iou_chromosomes_pi" in ev:
         out.append(f"  chromosomes IoU (A/B PI)    {ev['iou_chromosomes_pi']:.4f}")
+    if "instances_connected" in ev:
+        out.append(f"  A and B each one region     {ev['instances_connected']:.4f} of images")
     out += [
         "  per-class IoU               " + ", ".join(f"{k} {v:.4f}" for k, v in ev["iou_per_class"].items()),
         f"  training                    {tr['train_seconds']} s, best val dice {tr['best_val_dice']:.4f}"
         f" at epoch {tr['best_epoch'] + 1}, {tr['precision']}",
         f"  registry                    {reg['verdict']}",
     ]
+    if STAGE_TIMES.is_file():
+        times = json.loads(STAGE_TIMES.read_text())
+        stages = ("prepare", "train", "evaluate", "register")
+        out.append(
+            "  stage wall times (last run)  "
+            + ", ".join(f"{k} {times[k]:.0f} s" for k in stages if k in times)
+        )
     typer.echo("\n".join(out))
 
 
@@ -339,6 +442,7 @@ def import_kaggle_cmd(
     """Import Pommier's Kaggle file into data/raw/ as `dataset_1` (atomic)."""
     from chromoseg.data.io import import_kaggle
 
+    _output_file(out, "pairs.h5")
     path = run_guarded(import_kaggle, file, out)
     typer.echo(f"wrote {path}; next: dvc add {path.parent}")
 
@@ -367,6 +471,7 @@ def import_labelme_cmd(
     from chromoseg.finetune import with_finetune_data
     from chromoseg.fsutil import atomic_path
 
+    _output_file(out, "pairs.h5")
     path = out if out is not None else default_real_set_path(directory)
     edit = None
     if set_params and params.is_file():  # checked before anything is written
@@ -402,6 +507,8 @@ def data_report_cmd(
             if params.is_file()
             else Path("data/raw/LowRes_13434_overlapping_pairs.h5")
         )
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder for the dataset card")
     card = run_guarded(write_report, raw, real_dev, out)
     typer.echo(f"wrote {card}")
 

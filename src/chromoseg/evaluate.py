@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
-from chromoseg.config import Params, class_names
+from chromoseg.config import InferConfig, Params, class_names
 from chromoseg.fsutil import atomic_path, write_json
 from chromoseg.labels import instances_to_labels4
-from chromoseg.metrics import SegmentationMetrics, per_image_dice, permutation_invariant
+from chromoseg.metrics import SegmentationMetrics, instances_connected, per_image_dice, permutation_invariant
+from chromoseg.pipeline import load_model, model_from_checkpoint, segment
+from chromoseg.plots import confusion_png, overlay_grid, save_png
 from chromoseg.prepare import load_split
 
 log = logging.getLogger(__name__)
 
 EVAL_RUN_FILE = "eval/run.json"
-# Overlay colours (RGB): A red, B blue, overlap yellow; combined chromosome green.
-COLOURS_4 = np.array([[0, 0, 0], [230, 40, 40], [40, 90, 255], [255, 220, 0]], np.uint8)
-COLOURS_3 = np.array([[0, 0, 0], [40, 200, 80], [255, 220, 0]], np.uint8)
 
 
 def score(
@@ -38,7 +36,7 @@ def score(
     separation: str = "geometry",
 ) -> tuple[dict, np.ndarray]:
     """Metrics for predicted labels; `pred4` (4-class from instances) adds the PI chromosome scores,
-    recorded as found by `separation` (`geometry` or the model's `ab_head`).
+    recorded as found by `separation` (`geometry` or the model's `ab_head`), and `instances_connected`.
 
     Returns (metrics dict, per-image confusions in the model's label space).
     """
@@ -52,39 +50,38 @@ def score(
         pi = permutation_invariant(sep.per_image)
         out.update({k: v for k, v in pi.items() if k.startswith("iou_chromosome")})
         out["separation"] = separation
+    if pred4 is not None:
+        out["instances_connected"] = float(instances_connected(pred4).mean())
     return out, conf
 
 
 def predict_split(predictor, images: np.ndarray, combine_label: bool) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) uint8 -> (labels in the model's space, 4-class labels from the instance masks)."""
-    from chromoseg.serving import segment
-
     out = segment(predictor, images.astype(np.float32) / 255.0, combine_label)
     return out["labels"], instances_to_labels4(out["mask_a"], out["mask_b"])
 
 
 def run_evaluate(params: Params) -> dict:
     from chromoseg.model import set_threads
-    from chromoseg.serving import predictor_from_checkpoint
 
     cfg = params.evaluate
-    set_threads(params.train.num_threads)
+    set_threads(params.infer.num_threads)
     test = load_split(params.prepare.out_dir, "test")
     model_path = Path(params.train.out_dir) / "model.pt"
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: no trained model; run `dvc repro train` first")
-    predictor, ck = predictor_from_checkpoint(model_path)
-    predictor.batch_size = cfg.batch_size
-    if bool(ck["combine_label"]) != params.combine_label:
+    model = model_from_checkpoint(model_path, params.infer, batch_size=cfg.batch_size)
+    predictor = model.predictor
+    if model.combine_label != params.combine_label:
         raise ValueError(
-            f"{model_path} was trained with combine_label={ck['combine_label']} but params.yaml says "
+            f"{model_path} was trained with combine_label={model.combine_label} but params.yaml says "
             f"{params.combine_label}; run `dvc repro` to retrain"
         )
     labels, labels4 = predict_split(predictor, test["images"], params.combine_label)
     metrics, conf = score(
         labels, test["labels"], test["labels4"], params.combine_label, labels4, predictor.separation
     )
-    metrics["tta"] = predictor.tta
+    metrics["tta_views"] = predictor.tta_views
     write_json(cfg.out, metrics)
     plots = Path(cfg.plots_dir)
     write_plots(plots, metrics, conf, test, labels, params, n=cfg.n_overlays)
@@ -111,83 +108,18 @@ def write_plots(
         f"{names[i]},{names[j]},{int(total[i, j])}" for i in range(len(names)) for j in range(len(names))
     ]
     _write_text(out / "confusion.csv", "\n".join(rows) + "\n")
-    _confusion_png(out / "confusion.png", total, names)
+    confusion_png(out / "confusion.png", total, names)
     scores = per_image_dice(conf)
     order = np.argsort(scores)
     worst = order[:n]
     typical = order[len(order) // 2 - n // 2 : len(order) // 2 - n // 2 + n]
     grid = overlay_grid(test["images"], test["labels"], pred, worst, typical, scores, params.combine_label)
-    from PIL import Image
-
-    with atomic_path(out / "predictions.png") as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+    save_png(out / "predictions.png", grid)
 
 
 def _write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def _confusion_png(path: Path, total: np.ndarray, names: tuple[str, ...]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    norm = total / np.maximum(total.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            ax.text(
-                j,
-                i,
-                f"{norm[i, j]:.3f}",
-                ha="center",
-                va="center",
-                color="black" if norm[i, j] < 0.6 else "white",
-            )
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title("confusion (row-normalised)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-
-def colourise(labels: np.ndarray, combine_label: bool) -> np.ndarray:
-    return (COLOURS_3 if combine_label else COLOURS_4)[labels]
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, combine_label: bool, alpha: float = 0.45) -> np.ndarray:
-    """(H, W) uint8 grey + labels -> (H, W, 3) uint8 with the classes tinted."""
-    grey = np.repeat(image[..., None], 3, axis=-1).astype(np.float32)
-    col = colourise(labels, combine_label).astype(np.float32)
-    fg = (labels > 0)[..., None]
-    return np.where(fg, (1 - alpha) * grey + alpha * col, grey).clip(0, 255).astype(np.uint8)
-
-
-def overlay_grid(
-    images, truth, pred, worst, typical, scores, combine_label: bool, scale: int = 2
-) -> np.ndarray:
-    """Rows of [image | truth overlay | prediction overlay] tiles: worst on the left, typical right."""
-    tiles = []
-    for a, b in zip(worst, typical):
-        row = []
-        for i in (a, b):
-            row += [
-                np.repeat(images[i][..., None], 3, axis=-1),
-                overlay(images[i], truth[i], combine_label),
-                overlay(images[i], pred[i], combine_label),
-            ]
-        tiles.append(
-            np.concatenate([np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=255) for t in row], 1)
-        )
-    grid = np.concatenate(tiles, 0)
-    return np.kron(grid, np.ones((scale, scale, 1), np.uint8))
 
 
 def log_to_mlflow(params: Params, metrics: dict, plots: Path, execution: dict[str, str]) -> str:
@@ -227,42 +159,6 @@ def log_to_mlflow(params: Params, metrics: dict, plots: Path, execution: dict[st
     return run.info.run_id
 
 
-def load_any_model(model: str):
-    """A pyfunc from an MLflow URI (`models:/name@alias`, `runs:/...`, a model folder) or a `model.pt`.
-
-    Returns (predict function (N, H, W) uint8 -> output dict, combine_label, ab_order, the model's
-    `infer.Predictor` or None for a pyfunc that is not chromoseg's).
-    """
-    p = Path(model)
-    if p.suffix == ".pt" and p.is_file():
-        from chromoseg.serving import checkpoint_ab_order, predictor_from_checkpoint, segment
-
-        predictor, ck = predictor_from_checkpoint(p)
-
-        def predict(images: np.ndarray) -> dict:
-            return segment(predictor, images.astype(np.float32) / 255.0, bool(ck["combine_label"]))
-
-        return predict, bool(ck["combine_label"]), checkpoint_ab_order(ck), predictor
-    import mlflow
-
-    from chromoseg.config import load_params
-    from chromoseg.tracking import setup_mlflow
-
-    if "MLFLOW_TRACKING_URI" not in os.environ and Path("params.yaml").is_file():
-        setup_mlflow(load_params().mlflow)
-    try:
-        pyfunc = mlflow.pyfunc.load_model(model)
-    except Exception as exc:
-        raise FileNotFoundError(
-            f"cannot load model {model!r} ({type(exc).__name__}: {str(exc)[:200]}); give a registered "
-            f"model URI such as models:/chromoseg-unet@champion (tracking store "
-            f"{mlflow.get_tracking_uri()}), a runs:/ URI, or a models/model.pt file"
-        ) from exc
-    inner = pyfunc.unwrap_python_model()
-    predictor = getattr(inner, "predictor", None)
-    return pyfunc.predict, bool(inner.combine_label), getattr(inner, "ab_order", "area"), predictor
-
-
 def score_output(
     res: dict,
     labels4: np.ndarray,
@@ -287,23 +183,27 @@ def score_output(
 
 
 def run_evaluate_external(
-    labelme_dir: str | Path, model: str, out: str | Path, width_from: str = "labels"
+    labelme_dir: str | Path,
+    model: str,
+    out: str | Path,
+    width_from: str = "image",
+    infer: InferConfig | None = None,
 ) -> dict:
     """Score any model on a folder of labelme-annotated real images; same keys as metrics/eval.json.
 
-    `width_from`: each image is rescaled by its polygons' width (`labels`) or by the width measured
-    on the grey image (`image`), as `chromoseg predict --scale auto` does with unlabelled images.
+    `width_from`: each image is rescaled by the width measured on the grey image (`image`), as
+    `chromoseg predict` and the served model do with unlabelled images, or by its polygons' width
+    (`labels`, the annotation's own scale).
     """
     from chromoseg.data.labelme import load_labelme_dir
 
     images, truth4, scales, names = load_labelme_dir(labelme_dir, width_from=width_from)
-    predict, combine_label, ab_order, predictor = load_any_model(model)
-    separation = getattr(predictor, "separation", "geometry")
-    res = predict(images)
-    metrics = score_output(res, truth4, ab_order, combine_label, combine_label, separation)
+    m = load_model(model, infer)
+    res = m.predict(images)
+    metrics = score_output(res, truth4, m.ab_order, m.combine_label, m.combine_label, m.separation)
     metrics.update(
         {
-            "tta": getattr(predictor, "tta", False),
+            "tta_views": m.tta_views,
             "source": str(labelme_dir),
             "model": str(model),
             "images": names,

@@ -75,8 +75,6 @@ def load_real_set(path: str | os.PathLike[str], size: tuple[int, int] | None = N
 
     `size`: the (H, W) every image must have (the synthetic training images'), or None.
     """
-    from chromoseg.data.labelme import provenance_path
-
     p = Path(path)
     if not p.is_file():
         raise DataError(
@@ -107,50 +105,13 @@ def load_real_set(path: str | os.PathLike[str], size: tuple[int, int] | None = N
     names = [f"image {i}" for i in range(len(images))]
     files: set[str] = set()
     pixels: set[str] = set()
-    prov = provenance_path(p)
+    prov = p.with_name(p.stem + ".provenance.json")  # as `data.labelme.provenance_path` names it
     if prov.is_file():
         doc = json.loads(prov.read_text())
         names = [r["file"] for r in doc.get("images", [])] or names
         files = {r["sha256"] for r in doc.get("images", [])}
         pixels = {r["image_sha256"] for r in doc.get("images", [])}
     return RealSet(p, images, labels4, _sha256(p), names, frozenset(files), frozenset(pixels))
-
-
-def shared_images(real: RealSet, gate_dir: str | os.PathLike[str]) -> list[str]:
-    """Names of the gate folder's labelme files that are also in the fine-tune set: the same file,
-    the same decoded image, or the same image at the training scale."""
-    from chromoseg.data.labelme import _load_records
-
-    recs = _load_records(gate_dir, 11.5, real.images.shape[1], "labels")
-    flat = {img.tobytes() for img in real.images}
-    return [
-        r["name"]
-        for r in recs
-        if r["sha256"] in real.file_sha256
-        or r["image_sha256"] in real.image_sha256
-        or r["grey"].tobytes() in flat
-    ]
-
-
-def check_gate_disjoint(params: Params, real: RealSet | None = None) -> None:
-    """DataError when the real-image gate (`register.real_labelme`) holds images of `finetune.data`:
-    the gate would score the fine-tuned model on images it was trained on."""
-    if not params.finetune.data or not params.register.real_labelme:
-        return
-    from chromoseg.registry import real_set_path
-
-    gate = real_set_path(params.register.real_labelme)
-    if not gate.is_dir():
-        return  # the registry reports a missing gate folder itself
-    real = real or load_real_set(_project_path(params.finetune.data))
-    shared = shared_images(real, gate)
-    if shared:
-        listed = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
-        raise DataError(
-            f"register.real_labelme ({gate}) and finetune.data ({params.finetune.data}) share "
-            f"{len(shared)} image(s) ({listed}): the gate would score the model on images it was "
-            "fine-tuned on; point register.real_labelme at annotated images kept out of the fine-tune set"
-        )
 
 
 def with_finetune_data(params_text: str, value: str) -> tuple[str, str]:
@@ -193,94 +154,105 @@ def with_finetune_data(params_text: str, value: str) -> tuple[str, str]:
     return text, old
 
 
-def finetune_promotion(new, champ, min_gain: float, max_synthetic_drop: float) -> tuple[bool, str]:
-    """(promote?, why) for a fine-tuned version (`registry._Side` scores: `score` on the synthetic
-    test split, `real` on the gate's real images or None without a gate).
-
-    The real images decide: the version must beat the champion there by more than `min_gain`, and
-    may fall at most `max_synthetic_drop` below it on the synthetic test split.
-    """
-    if new.real is None:
-        return False, (
-            "a fine-tuned model is promoted only through the real-image gate; set register.real_labelme "
-            "to annotated real images it was not fine-tuned on"
-        )
-    if champ is None:
-        return True, "there was no champion"
-    if not new.real > champ.real + min_gain:
-        return False, f"it does not beat the champion on the real images by more than min_gain {min_gain:g}"
-    if new.score < champ.score - max_synthetic_drop:
-        return False, (
-            f"it beats the champion on the real images but falls {champ.score - new.score:.4f} below it on "
-            f"the synthetic test split (finetune.max_synthetic_drop {max_synthetic_drop:g})"
-        )
-    return True, "it beats the champion on the real images and holds up on the synthetic test split"
-
-
 def load_init(init: str, params: Params) -> tuple[dict, dict[str, str]]:
-    """The checkpoint to start from (`models/model.pt` layout) and what it is, for the MLflow run.
+    """The checkpoint to start from (`train` a TrainConfig, as `config.upgrade_checkpoint_config`
+    gives it) and what it is, for the MLflow run.
 
     `init`: a `model.pt` file, or a registered / logged model URI (models:/NAME@ALIAS,
-    models:/NAME/VERSION, runs:/ID/model) whose checkpoint artifact is downloaded.
+    models:/NAME/VERSION, runs:/ID/...) whose checkpoint is downloaded.
     """
-    from chromoseg.serving import MODEL_ARTIFACT, load_checkpoint
+    if init.startswith(MODEL_URI_PREFIXES):
+        return _load_registered(init, params)
+    p = _project_path(init)
+    if not p.is_file():
+        raise DataError(
+            f"finetune.init: {init}: file not found; give a models/model.pt checkpoint or a "
+            "registered model such as models:/chromoseg-unet@champion"
+        )
+    return _checkpoint(p, init, params), {"init": init, "init_sha256": _sha256(p)}
 
-    if not init.startswith(MODEL_URI_PREFIXES):
-        p = _project_path(init)
-        if not p.is_file():
-            raise DataError(
-                f"finetune.init: {init}: file not found; give a models/model.pt checkpoint or a "
-                "registered model such as models:/chromoseg-unet@champion"
-            )
-        ck = load_checkpoint(p)
-        info = {"init": init, "init_sha256": _sha256(p)}
-    else:
-        ck, info = _load_registered(init, params, MODEL_ARTIFACT, load_checkpoint)
-    missing = [k for k in ("state_dict", "train", "n_classes", "combine_label") if k not in ck]
-    if missing:
-        raise DataError(f"finetune.init: {init} is not a chromoseg checkpoint (no {', '.join(missing)})")
+
+def _checkpoint(path: Path, init: str, params: Params) -> dict:
+    from chromoseg.config import upgrade_checkpoint_config
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise DataError(f"finetune.init: {init} is not a readable checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(ck, dict) or not {"state_dict", "train", "n_classes", "combine_label"} <= set(ck):
+        raise DataError(f"finetune.init: {init} is not a chromoseg checkpoint; give a model.pt")
+    ck = upgrade_checkpoint_config(ck)
     if bool(ck["combine_label"]) != params.combine_label:
         raise ConfigError(
             f"finetune.init: {init} was trained with combine_label={bool(ck['combine_label'])} but "
             f"params.yaml says {params.combine_label}; set combine_label to match"
         )
-    return ck, info
+    return ck
 
 
-def _load_registered(uri: str, params: Params, artifact: str, load_checkpoint) -> tuple[dict, dict[str, str]]:
+def _load_registered(uri: str, params: Params) -> tuple[dict, dict[str, str]]:
+    import tempfile
+
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    from chromoseg.registry import resolve_model_uri
-    from chromoseg.tracking import project_root, setup_mlflow, tracking_uri
+    from chromoseg.tracking import setup_mlflow, tracking_uri
 
-    store = tracking_uri(params.mlflow)
-    if store.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        db = Path(store.removeprefix("sqlite:///"))
-        if not db.is_file():  # checked before MLflow creates an empty store
-            raise DataError(
-                f"finetune.init: {uri}: no model yet ({db.relative_to(project_root()) if db.is_relative_to(project_root()) else db} "
-                "does not exist); run `make run` first to train and register one, or set finetune.init "
-                "to a model.pt checkpoint"
-            )
+    store = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(params.mlflow)
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        # Checked before MLflow opens the store, which would create an empty one.
+        raise DataError(
+            f"finetune.init: {uri}: no model yet; run `make run` first to train and register one, or "
+            "set finetune.init to a model.pt checkpoint"
+        )
     setup_mlflow(params.mlflow)
     info = {"init": uri}
     try:
-        version = resolve_model_uri(uri)
-    except ValueError as exc:
-        raise DataError(f"finetune.init: {exc}") from exc
-    if version is not None:
-        info.update({"init_model_version": str(version.version), "init_run_id": str(version.run_id)})
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as exc:
+        if uri.startswith("models:/"):
+            ref = uri.removeprefix("models:/")
+            name, sep, alias = ref.partition("@")
+            client = mlflow.MlflowClient()
+            if sep:
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = ref.partition("/")
+                version = client.get_model_version(name, number)
+            info.update({"init_model_version": str(version.version), "init_run_id": str(version.run_id)})
+        with tempfile.TemporaryDirectory(prefix="chromoseg-init-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            found = [local] if local.is_file() else sorted(local.rglob("*.pt"))
+            if len(found) != 1:
+                raise DataError(
+                    f"finetune.init: {uri} holds {len(found)} checkpoint (*.pt) files, expected 1"
+                )
+            info["init_sha256"] = _sha256(found[0])
+            return _checkpoint(found[0], uri, params), info
+    except MlflowException as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(
-            f"finetune.init: cannot download {uri} ({type(exc).__name__}: {str(exc)[:200]})"
+            f"finetune.init: cannot load {uri} ({first}); give models:/NAME@ALIAS, models:/NAME/VERSION "
+            "or a model.pt file"
         ) from exc
-    found = sorted(local.rglob(f"artifacts/{artifact}*.pt")) or sorted(local.rglob("*.pt"))
-    if not found:
-        raise DataError(f"finetune.init: {uri} holds no model.pt checkpoint; is it a chromoseg model?")
-    info["init_sha256"] = _sha256(found[0])
-    return load_checkpoint(found[0]), info
+
+
+def real_transform(seed: int, enabled: bool, affine_p: float):
+    """`transforms.train_transform` (flips, 90-degree rotations, contrast, noise) plus, with
+    probability `affine_p`, a mild affine warp: its half-pixel label error is within how loosely a
+    hand-drawn polygon follows the edge, and it varies pose and scale beyond a handful of images."""
+    import albumentations as A
+    import cv2
+
+    from chromoseg.transforms import train_transform
+
+    base = train_transform(seed, enabled=enabled)
+    if not enabled or affine_p <= 0:
+        return base
+    affine = A.Affine(
+        scale=(0.9, 1.1), rotate=(-30, 30), translate_percent=(-0.05, 0.05),
+        interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+        border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=affine_p,
+    )  # fmt: skip
+    return A.Compose([*base.transforms, affine], seed=seed)
 
 
 class MixSampler:
@@ -292,7 +264,6 @@ class MixSampler:
 
     def __init__(self, real: RealSet, synth_images, synth_labels4, params: Params, cfg0) -> None:
         from chromoseg.model import input_multiple
-        from chromoseg.transforms import train_transform
 
         ft = params.finetune
         self.real, self.params, self.cfg0 = real, params, cfg0
@@ -300,14 +271,14 @@ class MixSampler:
         self.n_real = min(ft.batch_size, max(1, round(ft.real_fraction * ft.batch_size)))
         self.n_synth = ft.batch_size - self.n_real
         self.multiple = input_multiple(cfg0)
-        self.real_tf = train_transform(params.seed, enabled=ft.augment, affine_p=ft.affine_p)
-        self.synth_tf = train_transform(params.seed + 1, enabled=ft.augment, affine_p=cfg0.affine_p)
+        self.real_tf = real_transform(params.seed, ft.augment, ft.affine_p)
+        self.synth_tf = real_transform(params.seed + 1, ft.augment, 0.0)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x float32 (B, 1, H, W), y int64 (B, H, W)) for optimiser step `step`."""
         from chromoseg.infer import normalize_intensity
         from chromoseg.labels import canonical_ab, combine_labels
-        from chromoseg.train import pad_to_multiple
+        from chromoseg.train import crop_around_pair, pad_to_multiple
 
         seed = self.params.seed * 100_003 + step
         rng = np.random.default_rng(seed)
@@ -322,6 +293,8 @@ class MixSampler:
                 out = tf(image=images[i], mask=labels[i])
                 xs.append(out["image"])
                 ys.append(out["mask"])
+        if self.cfg0.crop:  # the windows around the pair the init model was trained on
+            xs, ys = zip(*(crop_around_pair(a, b, self.cfg0.crop, rng) for a, b in zip(xs, ys, strict=True)))
         x = np.stack(xs)
         y = canonical_ab(np.stack(ys), self.params.prepare.ab_order)
         if self.params.combine_label and not self.cfg0.ab_aux:  # ab_aux: the loss combines them
@@ -372,19 +345,15 @@ def finetune_module(
     with the moving-average module in eval mode and the losses since the previous call; what it
     returns (a dict or None) is collected in the returned history. Returns the moving-average module.
     """
-    from chromoseg.config import TrainConfig, _build
     from chromoseg.infer import clean_state_dict
     from chromoseg.model import build_model, load_weights, prepare_module, to_input
-    from chromoseg.serving import checkpoint_ab_order
     from chromoseg.train import WeightAverage, make_criterion, seed_everything
 
     ft = params.finetune
     seed_everything(params.seed)
-    cfg0 = _build(TrainConfig, ck["train"], "train")
+    cfg0 = ck["train"]
     # The training labels name A and B by the model's own rule, whatever params.yaml says now.
-    params = dataclasses.replace(
-        params, prepare=dataclasses.replace(params.prepare, ab_order=checkpoint_ab_order(ck))
-    )
+    params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, ab_order=ck["ab_order"]))
     net = build_model(cfg0, int(ck["n_classes"]))
     load_weights(net, clean_state_dict(ck["state_dict"]))
     net = prepare_module(net, plan)
@@ -419,14 +388,18 @@ def finetune_module(
 def _finetune(params: Params) -> dict:
     import mlflow
 
-    from chromoseg.config import TrainConfig, _build
     from chromoseg.infer import Predictor
     from chromoseg.metrics import SegmentationMetrics
     from chromoseg.model import exec_plan, set_threads
     from chromoseg.prepare import load_split
-    from chromoseg.serving import checkpoint_ab_order, log_pyfunc_model
     from chromoseg.tracking import setup_mlflow
-    from chromoseg.train import MODEL_FILE, RUN_FILE, _atomic_torch_save, write_history
+    from chromoseg.train import (
+        CHECKPOINT_ARTIFACT_DIR,
+        MODEL_FILE,
+        RUN_FILE,
+        _atomic_torch_save,
+        write_history,
+    )
 
     ft = params.finetune
     t_start = time.perf_counter()
@@ -434,11 +407,10 @@ def _finetune(params: Params) -> dict:
     tr = load_split(prep_dir, "train")
     va = load_split(prep_dir, "val")
     real = load_real_set(_project_path(ft.data), tr["images"].shape[1:])
-    check_gate_disjoint(params, real)  # before any training: a wrong gate is a setup error
     ck, init_info = load_init(ft.init, params)
-    cfg0 = _build(TrainConfig, ck["train"], "train")
+    cfg0 = ck["train"]
     n_classes = int(ck["n_classes"])
-    ab_order = checkpoint_ab_order(ck)
+    ab_order = ck["ab_order"]
     threads = set_threads(params.train.num_threads)
     plan = exec_plan(params.train.precision, params.train.channels_last)
     log.info(
@@ -468,16 +440,16 @@ def _finetune(params: Params) -> dict:
             "chromoseg.n_classes": str(n_classes),
         }
     )
-    mlflow.log_dict({"train": ck["train"], **init_info, "real_images": real.names}, "finetune/init.json")
+    mlflow.log_dict(
+        {"train": dataclasses.asdict(cfg0), **init_info, "real_images": real.names}, "finetune/init.json"
+    )
 
     val_x, val_labels = va["images"].astype(np.float32) / 255.0, va["labels"]
     clock = {"t": time.perf_counter(), "row": 0}
 
     def on_eval(module, step: int, losses: list[float], lr: float) -> dict:
         seconds = time.perf_counter() - clock["t"]
-        pred = Predictor(module, cfg0, n_classes, plan, "torch", ab_order=ab_order, tta=False).predict_labels(
-            val_x
-        )
+        pred = Predictor(module, cfg0, n_classes, plan, "torch", ab_order=ab_order).predict_labels(val_x)
         m = SegmentationMetrics(n_classes)
         m.update(val_labels, pred)
         val = m.compute()
@@ -507,7 +479,7 @@ def _finetune(params: Params) -> dict:
     _atomic_torch_save(
         {
             "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-            "train": ck["train"],  # the init's architecture and inference settings
+            "train": dataclasses.asdict(cfg0),  # the init's architecture
             "n_classes": n_classes,
             "combine_label": params.combine_label,
             "ab_order": ab_order,
@@ -542,12 +514,14 @@ def _finetune(params: Params) -> dict:
         },
     }
     mlflow.log_metrics({"best_val_dice": final["val_selection"], "train_seconds": train_seconds})
-    model_info = log_pyfunc_model(model_path, params, plan)
+    # The checkpoint as a plain artifact, as `train` logs it; `register` wraps it as the served model.
+    mlflow.log_artifact(str(model_path), CHECKPOINT_ARTIFACT_DIR)
+    checkpoint_uri = f"runs:/{run_id}/{CHECKPOINT_ARTIFACT_DIR}/{MODEL_FILE}"
     mlflow.end_run()
-    write_json(out_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_info.model_uri})
+    write_json(out_dir / RUN_FILE, {"run_id": run_id, "checkpoint_uri": checkpoint_uri})
     write_json(cfg.metrics, summary)
     log.info(
         "fine-tuned in %.0f s: synthetic val dice %.4f, overlap IoU %.4f; model %s",
-        train_seconds, final["val_dice"], final["val_iou_overlap"], model_info.model_uri,
+        train_seconds, final["val_dice"], final["val_iou_overlap"], checkpoint_uri,
     )  # fmt: skip
     return summary

@@ -1,4 +1,5 @@
-"""The one inference path (evaluation, serving, bench): numpy images in, logits or labels out.
+"""The network runner under `chromoseg.pipeline` (and training's validation, bench): numpy images in,
+logits or labels out.
 
 `Predictor` pads any (H, W) with background (0 = black) to a bucketed size, runs fixed-size
 batches under `torch.inference_mode` with the `ExecPlan`'s autocast and memory format, and crops
@@ -41,6 +42,16 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "onnx", "compile"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx", "compile")
+
+
+# Test-time augmentation views as (quarter turns, then horizontal flip), by view count. A horizontal
+# flip after two quarter turns is a vertical flip, so 4 views are identity, hflip, rot180, vflip.
+TTA_VIEWS: dict[int, tuple[tuple[int, bool], ...]] = {
+    1: ((0, False),),
+    2: ((0, False), (0, True)),
+    4: ((0, False), (0, True), (2, False), (2, True)),
+    8: tuple((k, flip) for k in range(4) for flip in (False, True)),
+}
 
 
 def choose_backend(plan: ExecPlan) -> str:
@@ -113,7 +124,7 @@ class Predictor:
         batch_size: int = 64,
         bucket: int = 32,
         ab_order: str = "none",
-        tta: bool | None = None,
+        tta_views: int = 1,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
@@ -123,9 +134,11 @@ class Predictor:
         self.n_classes = n_classes
         self.plan = plan if plan is not None else exec_plan(cfg.precision, cfg.channels_last)
         self.batch_size = batch_size
-        # Test-time augmentation (`train.tta` unless given): the softmax averaged over the 8 flips
-        # and 90-degree rotations, which map the pixel grid onto itself exactly.
-        self.tta = cfg.tta if tta is None else tta
+        if tta_views not in TTA_VIEWS:
+            raise ValueError(f"tta_views must be one of {sorted(TTA_VIEWS)}, got {tta_views}")
+        # Test-time augmentation (`infer.tta_views`): the softmax averaged over flips and 90-degree
+        # rotations, which map the pixel grid onto itself exactly.
+        self.tta_views = tta_views
         if isinstance(model, torch.nn.Module):
             net = model
         else:
@@ -164,7 +177,7 @@ class Predictor:
             **self.plan.describe(),
             "backend": self.backend,
             "batch_size": str(self.batch_size),
-            "tta": str(self.tta),
+            "tta_views": str(self.tta_views),
         }
 
     @property
@@ -213,7 +226,7 @@ class Predictor:
         ab = np.empty((n, h, w), dtype=np.uint8) if self.ab_head and what == "labels" else None
         for start in range(0, n, self.batch_size):
             chunk, (top, left) = pad_center(x[start : start + self.batch_size], hp, wp)
-            fwd = self._forward_views if self.tta else self._forward
+            fwd = self._forward_views if self.tta_views > 1 else self._forward
             logits = fwd(chunk)[:, :, top : top + h, left : left + w]
             stop = start + len(chunk)
             if what == "logits":
@@ -228,28 +241,29 @@ class Predictor:
         return out, ab
 
     def _forward_views(self, batch: np.ndarray) -> np.ndarray:
-        """Like `_forward`, averaged over the 8 dihedral views of each image: log of the mean softmax.
+        """Like `_forward`, averaged over `tta_views` dihedral views of each image (`TTA_VIEWS`): log
+        of the mean softmax.
 
         With chromosome channels A and B (4-class networks) the network may name them the other way
         round in a rotated view (the permutation-invariant loss leaves the names free), so each
         view's A and B are first aligned, per image, with the plain view's.
         """
         ref = total = None
-        for k in range(4):
-            for flip in (False, True):
-                view = np.rot90(batch, k, axes=(1, 2))
-                view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
-                prob = torch.from_numpy(self._forward(view)).softmax(dim=1).numpy()
-                prob = np.rot90(prob[..., ::-1] if flip else prob, -k, axes=(2, 3))
-                if ref is None:
-                    ref, total = prob, prob.copy()
-                    continue
-                if prob.shape[1] == 4:
-                    same = (prob[:, 1] * ref[:, 1] + prob[:, 2] * ref[:, 2]).sum((1, 2))
-                    swapped = (prob[:, 1] * ref[:, 2] + prob[:, 2] * ref[:, 1]).sum((1, 2))
-                    prob = np.where((swapped > same)[:, None, None, None], prob[:, SWAP_AB], prob)
-                total += prob
-        return np.log(np.maximum(total / 8.0, 1e-12)).astype(np.float32)
+        views = TTA_VIEWS[self.tta_views]
+        for k, flip in views:
+            view = np.rot90(batch, k, axes=(1, 2))
+            view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
+            prob = torch.from_numpy(self._forward(view)).softmax(dim=1).numpy()
+            prob = np.rot90(prob[..., ::-1] if flip else prob, -k, axes=(2, 3))
+            if ref is None:
+                ref, total = prob, prob.copy()
+                continue
+            if prob.shape[1] == 4:
+                same = (prob[:, 1] * ref[:, 1] + prob[:, 2] * ref[:, 2]).sum((1, 2))
+                swapped = (prob[:, 1] * ref[:, 2] + prob[:, 2] * ref[:, 1]).sum((1, 2))
+                prob = np.where((swapped > same)[:, None, None, None], prob[:, SWAP_AB], prob)
+            total += prob
+        return np.log(np.maximum(total / len(views), 1e-12)).astype(np.float32)
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """(B, Hp, Wp) float32 -> (B, C, Hp, Wp) float32 logits on the host."""
@@ -264,30 +278,27 @@ class Predictor:
             return logits.float().contiguous().cpu().numpy()
 
 
-def normalize_intensity(x: np.ndarray, mode: str = "foreground") -> np.ndarray:
+def normalize_intensity(x: np.ndarray, mode: str = "single") -> np.ndarray:
     """(N, H, W) float in [0, 1] -> float32, each image scaled so its chromosome grey is 0.5.
 
     Real images differ in staining and exposure; overlaps are told apart from single chromosomes by
     being about 1.7 times as bright *relative to the same image*, so the network sees relative grey.
-    Foreground = pixels above a quarter of the image's maximum. `foreground`: its median is scaled
-    to 0.5; when the overlap covers much of the pair (nearly parallel chromosomes) the median is an
-    overlap grey, so single and overlap grey move with the overlap's size. `single`: its 30th
-    percentile, which stays on single-chromosome pixels (the overlap is the brightest part) until
-    the overlap covers most of the pair. `none`: unchanged. Nearly black images (max < 0.02) are
-    left as they are.
+    Foreground = pixels above a quarter of the image's maximum. `single`: its 30th percentile is
+    scaled to 0.5; it stays on single-chromosome pixels (the overlap is the brightest part) until
+    the overlap covers most of the pair, where a median would be an overlap grey and move with the
+    overlap's size. `none`: unchanged. Nearly black images (max < 0.02) are left as they are.
     """
     if mode == "none":
         return np.asarray(x, np.float32)
-    if mode not in ("foreground", "single"):
-        raise ValueError(f"normalize mode {mode!r} is not one of ['none', 'foreground', 'single']")
-    q = 50 if mode == "foreground" else 30
+    if mode != "single":
+        raise ValueError(f"normalize mode {mode!r} is not one of ['none', 'single']")
     n = x.shape[0]
     flat = x.reshape(n, -1)
     peak = flat.max(axis=1)
     scale = np.ones(n, np.float32)
     for i in np.flatnonzero(peak >= 0.02):
         row = flat[i]
-        scale[i] = 0.5 / max(float(np.percentile(row[row > 0.25 * peak[i]], q)), 1e-3)
+        scale[i] = 0.5 / max(float(np.percentile(row[row > 0.25 * peak[i]], 30)), 1e-3)
     return np.clip(x * scale[:, None, None], 0.0, 4.0).astype(np.float32)
 
 
@@ -301,7 +312,7 @@ def decide_ab(logits4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Background, chromosome and overlap are decided on the merged logits (P(A) + P(B) against
     P(overlap)), then A or B by the larger of the two: one rule for every 4-channel network, so a
     4-class model and a combined model with the A/B head label the same logits alike. On a model
-    trained without the merged loss term it scores as the plain 4-class argmax (BENCHMARKS E18).
+    trained without the merged loss term it scores as the plain 4-class argmax (BENCHMARKS.md).
     """
     choice = np.where(logits4[:, 1] >= logits4[:, 2], 1, 2).astype(np.uint8)
     return split_ab(_merged(logits4).argmax(axis=1), choice), choice

@@ -51,7 +51,7 @@ class AuxABLoss(torch.nn.Module):
     """The merged-label loss plus the permutation-invariant 4-class loss (`train.ab_aux`).
 
     Combined labels: the A/B split is the auxiliary task. 4 classes: the merged term is, and it
-    places the overlap outline better than the 4-class term alone (BENCHMARKS E18).
+    places the overlap outline better than the 4-class term alone (BENCHMARKS.md).
 
     Takes 4-class logits and 4-class targets: the main term scores the merged (3-class) logits against
     the combined labels, the auxiliary term the 4 classes permutation-invariantly.

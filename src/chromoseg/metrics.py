@@ -11,6 +11,9 @@ One module for training (validation dice), evaluation and serving. Definitions:
   pooled over images under the chosen assignment; `iou_chromosomes_pi` is the mean of the two.
 - dice_combined (4 classes): Ghosh dice after merging A and B into one chromosome class, so a
   4-class model can be compared with a combined-label one on the same footing.
+- instances_connected: share of images whose predicted chromosomes A = {A only, overlap} and
+  B = {B only, overlap} are each exactly one 8-connected region. A chromosome split into pieces
+  (A and B mixed along one chromosome, a blob of the other instance inside it) or missing fails.
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from chromoseg.config import class_names
-from chromoseg.labels import SWAP_AB, combine_labels
+from chromoseg.labels import SWAP_AB, combine_labels, labels_to_instances
+
+# 8-connectivity within each image of an (N, H, W) stack, never across images.
+_EIGHT_IN_PLANE = np.zeros((3, 3, 3), bool)
+_EIGHT_IN_PLANE[1] = True
 
 
 def merge_ab(conf: np.ndarray) -> np.ndarray:
@@ -165,3 +173,23 @@ def per_image_dice(confs: np.ndarray) -> np.ndarray:
     inter = np.trace(confs[:, 1:, 1:], axis1=1, axis2=2).astype(np.float64)
     denom = confs[:, 1:, :].sum(axis=(1, 2)) + confs[:, :, 1:].sum(axis=(1, 2))
     return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+
+
+def instance_components(labels4: np.ndarray) -> np.ndarray:
+    """(N, H, W) or (H, W) 4-class labels -> (N, 2) int64: 8-connected components of chromosome A
+    ({1, 3}) and of chromosome B ({2, 3}) in each image."""
+    lab = np.asarray(labels4)
+    lab = lab[None] if lab.ndim == 2 else lab
+    out = np.zeros((lab.shape[0], 2), np.int64)
+    for j, mask in enumerate(labels_to_instances(lab)[:2]):
+        comp, n = ndi.label(mask, structure=_EIGHT_IN_PLANE)
+        if n:
+            # Components are numbered across the stack; each lies in one image (its first axis).
+            image_of = np.array([sl[0].start for sl in ndi.find_objects(comp)])
+            out[:, j] = np.bincount(image_of, minlength=lab.shape[0])
+    return out
+
+
+def instances_connected(labels4: np.ndarray) -> np.ndarray:
+    """(N, H, W) 4-class labels -> (N,) bool: A and B are each exactly one 8-connected component."""
+    return (instance_components(labels4) == 1).all(axis=1)

@@ -1,18 +1,21 @@
-"""`chromoseg predict`: segment image files with a registered model (local) or a running server.
+"""`chromoseg predict`: segment image files with a model run in-process (registered, a run, or a
+`model.pt` checkpoint: `pipeline.load_model`) or a running server.
 
 Per input image it writes, into the output folder:
 
 - ``<stem>_labels.png``: palette PNG of the instance labels (0 background, 1 A only, 2 B only,
   3 overlap); the pixel values are the classes, the palette shows them as in the overlays;
-- ``<stem>_overlay.png``: the grey image with A red, B blue, overlap yellow (`chromoseg.evaluate`);
+- ``<stem>_overlay.png``: the grey image with A red, B blue, overlap yellow (`chromoseg.plots`);
 - ``<stem>_summary.json``: image size, areas of A, B and the overlap in px (at the input's scale), the overlap
   fraction (overlap / pixels of A or B), the scale and the model URI or server URL.
 
 Inputs are PNG/JPEG/TIFF files or labelme JSON files (their embedded image). The network was
-trained at the 88 x 88 LowRes scale (chromosome width ~11.5 px); `scale` resizes each image before
-inference and resizes the masks back (nearest) afterwards: use 0.5 for the real-dev images
-(width ~23 px), or ``auto`` to measure each image's chromosome width on the image itself
-(`chromoseg.data.scale`); the summary records the scale used.
+trained at the 88 x 88 LowRes scale (chromosome width ~11.5 px); each image is resized before
+inference and the masks back (nearest) afterwards. By default (``auto``) the scale is measured on
+each image from its chromosomes' width (`chromoseg.data.scale`; inside the range of training widths
+the image is left as it is); a number (0.5 for the real-dev images, 1 for LowRes-sized ones) is
+used for every image instead. The summary records the scale used and `scale_from` (``image`` or
+``given``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from chromoseg.config import InferConfig
 from chromoseg.data.scale import AUTO, ScaleError, parse_scale, resize, scaled_shape
 from chromoseg.data.scale import image_scales as _image_scales
 from chromoseg.labels import instances_to_labels4
+from chromoseg.pipeline import OUTPUT_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -99,37 +104,25 @@ def encode_png(image: np.ndarray) -> str:
 
 
 class LocalModel:
-    """A pyfunc model loaded in this process (`mlflow.pyfunc.load_model`)."""
+    """A model run in this process (`pipeline.load_model`: a registry or run URI, or a checkpoint)."""
 
-    def __init__(self, uri: str) -> None:
-        import mlflow
-        from mlflow.exceptions import MlflowException
+    def __init__(self, uri: str, infer: InferConfig | None = None) -> None:
+        from chromoseg.pipeline import ModelLoadError, load_model
 
         self.uri = uri
         try:
-            self._model = mlflow.pyfunc.load_model(uri)
-        except (MlflowException, OSError) as exc:
-            raise PredictError(
-                f"cannot load model {uri!r} from {mlflow.get_tracking_uri()}: {exc}; "
-                "check the URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model) and "
-                "MLFLOW_TRACKING_URI"
-            ) from exc
+            self._model = load_model(uri, infer)
+        except ModelLoadError as exc:
+            raise PredictError(str(exc)) from None
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        from mlflow.exceptions import MlflowException
+        from chromoseg.pipeline import InputError
 
-        out: list[dict[str, np.ndarray] | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(im.shape, []).append(i)
-        for idx in groups.values():
-            try:
-                res = self._model.predict(np.stack([images[i] for i in idx]))
-            except MlflowException as exc:
-                raise PredictError(f"model rejected the input: {exc.message}") from exc
-            for j, i in enumerate(idx):
-                out[i] = {k: np.asarray(v[j]) for k, v in res.items()}
-        return out  # type: ignore[return-value]
+        try:
+            res = self._model.predict(images)
+        except InputError as exc:
+            raise PredictError(f"model rejected the input: {exc}") from exc
+        return [{k: np.asarray(v[i]) for k, v in res.items()} for i in range(len(images))]
 
 
 class RemoteModel:
@@ -140,9 +133,10 @@ class RemoteModel:
         self.timeout = timeout
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        body = json.dumps({"inputs": [encode_png(im) for im in images]}).encode()
+        # The images come resized to the training scale (`run_model`): the server must not measure again.
+        body = json.dumps({"inputs": [encode_png(im) for im in images], "params": {"scale": "1"}}).encode()
         preds = post_json(self.uri + "/invocations", body, self.timeout)["predictions"]
-        return [{k: np.asarray(preds[k][i], np.uint8) for k in preds} for i in range(len(images))]
+        return [{k: np.asarray(preds[k][i], np.uint8) for k in OUTPUT_KEYS} for i in range(len(images))]
 
 
 def post_json(url: str, body: bytes, timeout: float = 120.0) -> dict[str, Any]:
@@ -214,7 +208,7 @@ def summary(result: Result, image_path: str, model_uri: str, scale: float) -> di
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, result: Result, info: dict) -> list[Path]:
     from PIL import Image
 
-    from chromoseg.evaluate import COLOURS_4, overlay
+    from chromoseg.plots import COLOURS_4, overlay
 
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = result.labels4
@@ -238,9 +232,11 @@ def predict_files(
     out_dir: Path,
     model: str | None = None,
     url: str | None = None,
-    scale: float | str = 1.0,
+    scale: float | str = AUTO,
+    infer: InferConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Segment each file with the local `model` URI or the server at `url`; write outputs; return summaries."""
+    """Segment each file with the local `model` (URI or checkpoint) or the server at `url`; write
+    outputs; return summaries. `infer`: how a local model predicts (default `InferConfig()`)."""
     if (model is None) == (url is None):
         raise PredictError("give either a model URI (--model) or a server URL (--url), not both")
     if not images:
@@ -249,7 +245,7 @@ def predict_files(
     # Before the model loads: a bad scale or an image without chromosomes fails fast.
     scales = image_scales(arrays, scale, [str(p) for p in images])
     scale_from = "image" if parse_scale(scale) == AUTO else "given"
-    runner: LocalModel | RemoteModel = RemoteModel(url) if url else LocalModel(model)  # type: ignore[arg-type]
+    runner: LocalModel | RemoteModel = RemoteModel(url) if url else LocalModel(model, infer)  # type: ignore[arg-type]
     results = run_model(runner, arrays, scales)
     summaries = []
     stems: dict[str, int] = {}

@@ -75,10 +75,11 @@ def load_split(out_dir: str | Path, split: str) -> dict[str, np.ndarray]:
 
 
 def run_prepare(params: Params) -> dict:
-    from chromoseg.data.validate import check_labels
+    from chromoseg.data.validate import check_dataset, check_labels
 
     cfg = params.prepare
     ds = read_dataset(cfg.raw, cfg.key)
+    check_dataset(cfg.raw, ds.images, ds.labels)
     images, labels4, sources = ds.images, ds.labels, ds.source_ids
     if cfg.max_images:
         images, labels4 = images[: cfg.max_images], labels4[: cfg.max_images]

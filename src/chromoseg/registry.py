@@ -1,11 +1,13 @@
 """Stage `register`: register the new model and move the champion alias only if it wins.
 
-The comparison is made on the same test split and label mode: the champion's recorded score is
-reused when it was measured on an identical split (same fingerprint), otherwise the champion is
-loaded and re-scored on the current split with the same code as the candidate.
+The comparison is made on the same test split, label mode and test-time augmentation: the champion's
+recorded score is reused when it was measured on an identical split (same fingerprint) with as many
+TTA views, otherwise the champion is loaded and re-scored with the same code as the candidate.
+The served model (the pyfunc of `chromoseg.serving`) is built here from the trained checkpoint
+(`mlmodel.log_pyfunc_model`), with the `infer` settings as its defaults.
 
 Real-image gate (`register.real_labelme`): the synthetic test split alone can promote a model that
-is worse on real images (BENCHMARKS E20: 240 epochs, better on the split, worse on real-dev). With a
+is worse on real images (a longer training can score higher on the split and lower on real-dev). With a
 folder of labelme-annotated real images set, both models are also scored there (the same metric,
 as `chromoseg evaluate-external` scores them) and the candidate is promoted only if it does not
 fall more than `register.real_tolerance` below the champion there. Scores are recorded as model
@@ -21,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from chromoseg.config import Params
+from chromoseg.config import InferConfig, Params
+from chromoseg.evaluate import score_output
 from chromoseg.fsutil import write_json
+from chromoseg.pipeline import load_model, resolve_model_uri
 from chromoseg.prepare import load_split
+
+__all__ = ["resolve_model_uri", "run_register", "score_model"]
 
 log = logging.getLogger(__name__)
 
@@ -50,73 +56,15 @@ def registry_score(metrics: dict, key: str) -> tuple[str, float]:
     return key, float(metrics[key])
 
 
-def resolve_model_uri(model_uri: str, client=None):
-    """The ModelVersion behind `models:/NAME@ALIAS` or `models:/NAME/VERSION` (None for other URIs).
-
-    Call it before loading a registered model (`rescore_model`, `chromoseg predict`): it raises a
-    ValueError naming what is missing and the aliases and versions that do exist, instead of
-    MLflow's bare RESOURCE_DOES_NOT_EXIST.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    prefix = "models:/"
-    if not model_uri.startswith(prefix):
-        return None
-    ref = model_uri[len(prefix) :]
-    name, sep, alias = ref.partition("@")
-    version = None
-    if not sep:
-        name, _, version = ref.partition("/")
-    client = client or mlflow.MlflowClient()
-    try:
-        rm = client.get_registered_model(name)
-    except MlflowException as exc:
-        names = sorted(m.name for m in client.search_registered_models())
-        raise ValueError(
-            f"{model_uri}: no registered model {name!r} in {mlflow.get_tracking_uri()} "
-            f"(registered: {names}); run `chromoseg register` or check MLFLOW_TRACKING_URI"
-        ) from exc
-    aliases = sorted(getattr(rm, "aliases", {}) or {})
-    try:
-        if sep:
-            return client.get_model_version_by_alias(name, alias)
-        if version and version.isdigit():
-            return client.get_model_version(name, version)
-    except MlflowException as exc:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        what = f"alias {alias!r}" if sep else f"version {version}"
-        raise ValueError(
-            f"{model_uri}: model {name!r} has no {what} (aliases: {aliases}, versions: {versions}); "
-            f"use one of them, e.g. models:/{name}@{aliases[0] if aliases else 'champion'}"
-        ) from exc
-    return None  # models:/NAME/STAGE (e.g. latest): left to MLflow
-
-
 def score_model(
-    model_uri: str, images: np.ndarray, labels4: np.ndarray, combine_label: bool, registered: bool = True
+    model: str, images: np.ndarray, labels4: np.ndarray, combine_label: bool, infer: InferConfig | None = None
 ) -> dict:
-    """Load any registered chromoseg model and score it on (images, 4-class truth) in the current
-    label mode, with the code `evaluate` uses. A and B of the truth are named by the model's rule."""
-    import mlflow
-
-    from chromoseg.evaluate import score_output
-
-    if registered:
-        resolve_model_uri(model_uri)  # a clear error for a missing alias or version
-    model = mlflow.pyfunc.load_model(model_uri)
-    inner = model.unwrap_python_model()
-    model_combine = bool(getattr(inner, "combine_label", combine_label))
-    separation = getattr(getattr(inner, "predictor", None), "separation", "geometry")
+    """Load a chromoseg model (`pipeline.load_model`: a registry URI or a checkpoint) and score it on
+    (images, 4-class truth) in the current label mode, with the code `evaluate` uses. A and B of the
+    truth are named by the model's rule."""
+    m = load_model(model, infer)
     # In 4-class mode the scores already hold the permutation-invariant figures (dice_pi).
-    return score_output(
-        model.predict(images),
-        labels4,
-        getattr(inner, "ab_order", "area"),
-        model_combine,
-        combine_label,
-        separation,
-    )
+    return score_output(m.predict(images), labels4, m.ab_order, m.combine_label, combine_label, m.separation)
 
 
 def real_set_path(cfg_path: str) -> Path:
@@ -184,14 +132,24 @@ def _digits(a: float, b: float, lo: int = 4, hi: int = 8) -> int:
     return d
 
 
-def _real_score(version, model_uri: str, real: dict, key: str, combine_label: bool) -> float:
+def _real_score(version, model: str, real: dict, key: str, params: Params) -> float:
     """A version's score on the real set: its recorded tag when made on the same set, else scored now."""
     tags = getattr(version, "tags", None) or {}
-    if tags.get("real_set") == real["fingerprint"] and tags.get("real_score_kind") == key:
+    same_views = tags.get("tta_views") == str(params.infer.tta_views)
+    if same_views and tags.get("real_set") == real["fingerprint"] and tags.get("real_score_kind") == key:
         return float(tags["real_score"])
-    log.info("scoring %s on the %d real images of %s", model_uri, real["n"], real["dir"])
-    metrics = score_model(model_uri, real["images"], real["labels4"], combine_label, version is not None)
+    log.info("scoring %s on the %d real images of %s", model, real["n"], real["dir"])
+    metrics = score_model(model, real["images"], real["labels4"], params.combine_label, params.infer)
     return registry_score(metrics, key)[1]
+
+
+def served_model_config(params: Params) -> dict:
+    """The served model's defaults, from the inference settings (`mlmodel.log_pyfunc_model`)."""
+    return {
+        "tta_views": params.infer.tta_views,
+        "precision": params.infer.precision,
+        "backend": params.infer.backend,
+    }
 
 
 def _compare(kind: str, a: float, b: float) -> str:
@@ -203,15 +161,22 @@ def run_register(params: Params) -> dict:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from chromoseg.mlmodel import log_pyfunc_model
     from chromoseg.tracking import setup_mlflow
 
     cfg = params.register
-    for f in (Path(params.train.out_dir) / "run.json", Path("eval/run.json"), Path(params.evaluate.out)):
+    checkpoint = Path(params.train.out_dir) / "model.pt"
+    for f in (
+        Path(params.train.out_dir) / "run.json",
+        checkpoint,
+        Path("eval/run.json"),
+        Path(params.evaluate.out),
+    ):
         if not f.is_file():  # checked before MLflow is touched: a failed start leaves no trace there
             raise FileNotFoundError(f"{f}: missing; run `dvc repro evaluate` (train and evaluate) first")
     real = load_real_set(params)  # a bad folder fails here too, before anything is registered
     if params.finetune.data:  # never gate a fine-tuned model on images it was trained on
-        from chromoseg.finetune import check_gate_disjoint
+        from chromoseg.finetune_gate import check_gate_disjoint
 
         check_gate_disjoint(params)
     setup_mlflow(params.mlflow)
@@ -224,7 +189,7 @@ def run_register(params: Params) -> dict:
     kind, new_score = registry_score(metrics, params.register_metric)
     new_real = None
     if real is not None:  # scored before registering: a model that cannot be scored is not registered
-        new_real = _real_score(None, run_info["model_uri"], real, kind, params.combine_label)
+        new_real = _real_score(None, str(checkpoint), real, kind, params)
 
     try:
         client.get_registered_model(cfg.model_name)
@@ -232,13 +197,19 @@ def run_register(params: Params) -> dict:
         client.create_registered_model(
             cfg.model_name, description="chromoseg U-Net for overlapping chromosome pairs"
         )
-    mv = mlflow.register_model(run_info["model_uri"], cfg.model_name)
+    # The served model is built here, not in training: it carries today's serving code and the
+    # inference settings (`infer`), which can change without retraining.
+    with mlflow.start_run(run_id=run_info["run_id"]):
+        info = log_pyfunc_model(checkpoint, served_model_config(params))
+    mv = mlflow.register_model(info.model_uri, cfg.model_name)
     tags = {
         "test_split": fp,
         "score_kind": kind,
         "score": f"{new_score:.6f}",
         "combine_label": str(params.combine_label).lower(),
         "eval_run_id": eval_run,
+        # Scores depend on how the model predicts: reused only under the same test-time augmentation.
+        "tta_views": str(params.infer.tta_views),
     }
     if real is not None:
         tags.update(
@@ -255,16 +226,19 @@ def run_register(params: Params) -> dict:
     if champ is not None:
         champ_version = champ.version
         champ_uri = f"models:/{cfg.model_name}/{champ.version}"
-        if champ.tags.get("test_split") == fp and champ.tags.get("score_kind") == kind:
+        same_views = champ.tags.get("tta_views") == str(params.infer.tta_views)
+        if same_views and champ.tags.get("test_split") == fp and champ.tags.get("score_kind") == kind:
             champ_score = float(champ.tags["score"])
         else:
-            log.info("champion v%s was scored on another split or mode: re-scoring it", champ.version)
-            champ_metrics = score_model(champ_uri, test["images"], test["labels4"], params.combine_label)
+            log.info("champion v%s was scored on another split, mode or TTA: re-scoring it", champ.version)
+            champ_metrics = score_model(
+                champ_uri, test["images"], test["labels4"], params.combine_label, params.infer
+            )
             champ_score = registry_score(champ_metrics, kind)[1]
         if real is not None:
-            champ_real = _real_score(champ, champ_uri, real, kind, params.combine_label)
+            champ_real = _real_score(champ, champ_uri, real, kind, params)
     if params.finetune.data:
-        from chromoseg.finetune import finetune_promotion
+        from chromoseg.finetune_gate import finetune_promotion
 
         promoted, why = finetune_promotion(
             _Side(new_score, new_real),

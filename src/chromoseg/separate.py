@@ -1,8 +1,8 @@
 """Instance separation for combined labels (0 bg, 1 chromosome, 2 overlap) -> chromosomes A and B.
 
 Used for combined models without the A/B head; a model trained with `train.ab_aux` (the default)
-splits its chromosome pixels itself (`infer.Predictor.predict_segmentation`), which measured better
-(BENCHMARKS.md, E10).
+splits its chromosome pixels itself (`infer.Predictor.predict_segmentation`), which separates them
+better (BENCHMARKS.md).
 
 Geometry: removing the overlap from the chromosome mask leaves the "arms" of the two chromosomes.
 The overlap alone does not cut them apart: where two outlines cross, "A only" and "B only" pixels
@@ -17,8 +17,8 @@ Pairs without an overlap are split into connected components (fragments join the
 largest); a blob of two touching chromosomes is shrunk (distance-transform threshold) until it falls
 into two parts, which are grown back over the blob by a watershed.
 
-Measured on ground-truth combined labels (2000-image synthetic set, first 1000): chromosome PI IoU
-0.974 (the previous centroid-direction pairing: 0.801, it never cut the arms apart).
+On ground-truth combined labels of the synthetic set it reaches chromosome PI IoU 0.974 (pairing
+arms by centroid direction: 0.801, because that never cuts the arms apart).
 
 Before separation, `drop_small_overlaps` turns predicted overlap specks smaller than
 MIN_OVERLAP_REL * width^2 back into chromosome: two chromosomes of width w that cross cover at
@@ -41,6 +41,8 @@ import itertools
 import numpy as np
 from scipy import ndimage as ndi
 
+from chromoseg.geometry import estimate_width
+
 MIN_ARM = 4  # pixels; smaller fragments are noise and join the nearest arm
 MAX_ARMS = 4
 MAX_CUT = 3  # px: how far the overlap is grown at most to cut the arms apart
@@ -55,8 +57,6 @@ def drop_small_overlaps(
     """(N, H, W) or (H, W) predicted labels with overlap components smaller than `min_rel` * w^2
     (w: the chromosome width of that image) relabelled: to chromosome (combined) or to the nearest
     of A and B (4 classes). Returns a new array."""
-    from chromoseg.data.labelme import estimate_width
-
     ov_class = 2 if combine_label else 3
     out = np.array(labels, dtype=np.uint8, copy=True)
     flat = out[None] if out.ndim == 2 else out
@@ -86,8 +86,6 @@ def drop_one_sided_overlaps(labels4: np.ndarray, min_rel: float = MIN_CONTACT_RE
     """(N, H, W) or (H, W) 4-class labels with every overlap component that borders A-only or B-only
     pixels along less than `min_rel` * w (w: the chromosome width of that image) given to the
     chromosome it borders more (on a tie, the nearer one). Returns a new array."""
-    from chromoseg.data.labelme import estimate_width
-
     out = np.array(labels4, dtype=np.uint8, copy=True)
     flat = out[None] if out.ndim == 2 else out
     for lab in flat:

@@ -37,12 +37,13 @@ from chromoseg.metrics import SegmentationMetrics
 from chromoseg.model import build_model, exec_plan, input_multiple, prepare_module, set_threads, to_input
 from chromoseg.prepare import load_split
 from chromoseg.tracking import project_root
-from chromoseg.transforms import chromosome_grey, train_transform
+from chromoseg.transforms import train_transform
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the run artifact folder of the trained model.pt
 
 
 class TrainingInterruptedError(RuntimeError):
@@ -152,7 +153,7 @@ class BatchSampler:
         self.params = params
         self.cfg = params.train
         self.multiple = input_multiple(self.cfg)
-        self.transform = train_transform(params.seed, enabled=self.cfg.augment, affine_p=self.cfg.affine_p)
+        self.transform = train_transform(params.seed, enabled=self.cfg.augment)
 
     def epoch(self, epoch: int):
         """Yield (x float32 (B,1,H,W), y int64 (B,H,W)) batches for `epoch`, padded to the multiple."""
@@ -166,14 +167,10 @@ class BatchSampler:
             xs, ys = [], []
             for i in idx[start : start + bs]:
                 out = self.transform(image=self.images[i], mask=self.labels4[i])
-                if (
-                    self.cfg.augment
-                    and self.cfg.chromosome_grey_p > 0
-                    and rng.random() < self.cfg.chromosome_grey_p
-                ):
-                    out["image"] = chromosome_grey(out["image"], out["mask"], rng)
                 xs.append(out["image"])
                 ys.append(out["mask"])
+            if self.cfg.crop:
+                xs, ys = zip(*(crop_around_pair(a, b, self.cfg.crop, rng) for a, b in zip(xs, ys)))
             x = np.stack(xs)
             y = canonical_ab(np.stack(ys), self.params.prepare.ab_order)
             if self.params.combine_label and not self.params.ab_aux:  # ab_aux: the loss combines them
@@ -188,15 +185,36 @@ class BatchSampler:
             )
 
 
+def crop_around_pair(
+    image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A `size` x `size` window of (H, W) image and label, around the chromosomes' centroid.
+
+    Most of an 88 x 88 image is background; training on the window around the pair spends the
+    network's compute where the labels are hard. The window's centre is the foreground centroid
+    shifted by up to a quarter of `size` each way, kept inside the image.
+    """
+    h, w = label.shape
+    if size >= min(h, w):
+        return image, label
+    ys, xs = np.nonzero(label)
+    cy, cx = (ys.mean(), xs.mean()) if len(ys) else (h / 2, w / 2)
+    jy, jx = rng.uniform(-size / 4, size / 4, 2)
+    top = int(np.clip(round(cy + jy - size / 2), 0, h - size))
+    left = int(np.clip(round(cx + jx - size / 2), 0, w - size))
+    return image[top : top + size, left : left + size], label[top : top + size, left : left + size]
+
+
 def make_criterion(params: Params) -> torch.nn.Module:
     """The training loss for these params (labels: 4-class with `train.ab_aux`, else the model's)."""
     cfg = params.train
     if cfg.ab_aux:
         # 4 classes too: the same network and loss as a combined model with the A/B head, which
-        # places the overlap outline better than the 4-class term alone (BENCHMARKS E18).
+        # places the overlap outline better than the 4-class term alone (BENCHMARKS.md).
         return AuxABLoss(cfg.loss, cfg.class_weights_combined, cfg.class_weights_4)
     weights = cfg.class_weights_combined if params.combine_label else cfg.class_weights_4
-    return SegLoss(cfg.loss, weights, permutation_invariant=cfg.pi_loss)
+    # 4 classes: each image scored against the better of the two A/B assignments (A, B unordered).
+    return SegLoss(cfg.loss, weights, permutation_invariant=not params.combine_label)
 
 
 def steps_per_epoch(params: Params) -> int:
@@ -208,8 +226,6 @@ def make_scheduler(opt: torch.optim.Optimizer, params: Params):
     kind = params.train.scheduler
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=params.train.lr * 0.01)
-    if kind == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.train.lr, total_steps=total)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -222,7 +238,7 @@ def _fingerprint(params: Params, train_file: Path, world_size: int = 1) -> str:
         "train": asdict(params.train),
         "prepare": asdict(params.prepare),
     }
-    for key in ("num_threads", "tta"):  # how many cores, how it predicts afterwards: same weights
+    for key in ("num_threads",):  # how many cores: same weights
         relevant["train"].pop(key, None)
     if world_size > 1:  # per-rank batch-norm statistics: not interchangeable with a 1-process run
         relevant["world_size"] = world_size
@@ -268,14 +284,7 @@ def _train_epoch(
 
 
 def run_train(params: Params) -> dict:
-    """Train, resuming from a matching checkpoint; data-parallel when started by torchrun.
-
-    With `finetune.data` set, fine-tune `finetune.init` on that real set instead (`chromoseg.finetune`).
-    """
-    if params.finetune.data:
-        from chromoseg.finetune import run_finetune
-
-        return run_finetune(params)
+    """Train, resuming from a matching checkpoint; data-parallel when started by torchrun."""
     dist = ddp.from_env()
     if dist.enabled:
         ddp.per_rank_batch(params.train.batch_size, params.train.samples_per_epoch, dist)
@@ -301,7 +310,6 @@ def _end_active_run(exc: BaseException) -> None:
 def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
     import mlflow
 
-    from chromoseg.serving import log_pyfunc_model
     from chromoseg.tracking import launcher_run_id, setup_mlflow
 
     cfg = params.train
@@ -369,7 +377,7 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         if not dist.is_main:  # other ranks: the same steps on their shards, nothing else
             continue
         pred = Predictor(
-            ema.target(net), cfg, params.n_classes, plan, "torch", ab_order=params.prepare.ab_order, tta=False
+            ema.target(net), cfg, params.n_classes, plan, "torch", ab_order=params.prepare.ab_order
         ).predict_labels(val_x)
         m = SegmentationMetrics(params.n_classes)
         m.update(val_labels, pred)
@@ -391,10 +399,12 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
                 "epoch": epoch,
                 "state": {k: v.detach().cpu().clone() for k, v in ema.target(net).state_dict().items()},
             }
+        elapsed = time.perf_counter() - t_start
+        done = epoch + 1 - start_epoch
         log.info(
-            "epoch %d/%d loss %.4f val dice %.4f overlap IoU %.4f (%.1f img/s)",
+            "epoch %d/%d loss %.4f val dice %.4f overlap IoU %.4f (%.1f img/s), elapsed %s, ETA %s",
             epoch + 1, cfg.epochs, row["train_loss"], row["val_dice"], row["val_iou_overlap"],
-            row["train_img_per_s"],
+            row["train_img_per_s"], clock(elapsed), clock(elapsed / done * (cfg.epochs - epoch - 1)),
         )  # fmt: skip
         _atomic_torch_save(
             {
@@ -443,18 +453,28 @@ def _train(params: Params, dist: ddp.DistInfo, stop: StopRequest) -> dict:
         "precision": plan.precision,
     }
     mlflow.log_metrics({"best_val_dice": best["dice"], "best_epoch": best["epoch"]})
-    model_info = log_pyfunc_model(model_path, params, plan)
+    # The checkpoint as a plain artifact; `chromoseg register` wraps it as the served model, so the
+    # serving code is no input of training.
+    mlflow.log_artifact(str(model_path), CHECKPOINT_ARTIFACT_DIR)
+    checkpoint_uri = f"runs:/{run_id}/{CHECKPOINT_ARTIFACT_DIR}/{MODEL_FILE}"
     mlflow.end_run()
-    write_json(out_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_info.model_uri})
+    write_json(out_dir / RUN_FILE, {"run_id": run_id, "checkpoint_uri": checkpoint_uri})
     write_json(cfg.metrics, summary)
     if stop.signum is not None:
         log.warning("%s arrived while writing outputs; they were completed", stop.signum)
     ckpt_path.unlink(missing_ok=True)
     log.info(
         "best val %s %.4f at epoch %d; model %s",
-        select_by, best["dice"], best["epoch"] + 1, model_info.model_uri,
+        select_by, best["dice"], best["epoch"] + 1, checkpoint_uri,
     )  # fmt: skip
     return summary
+
+
+def clock(seconds: float) -> str:
+    """Seconds as `m:ss` (or `h:mm:ss`), for progress lines."""
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
 
 def write_history(path: str | Path, history: list[dict]) -> None:

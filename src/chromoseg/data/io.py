@@ -13,7 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from chromoseg.data.errors import DataError
 from chromoseg.fsutil import atomic_path
+
+__all__ = ["DataError", "Dataset", "import_kaggle", "read_dataset", "write_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +24,6 @@ KEY_RAW = "dataset_1"
 KEY_CLEANED = "13434_overlapping_chrom_pairs_LowRes"
 KNOWN_KEYS = (KEY_RAW, KEY_CLEANED)
 SOURCE_KEY = "source_id"
-
-
-class DataError(ValueError):
-    """A dataset file that cannot be used, with what was wrong and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -177,8 +176,11 @@ def read_kaggle(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, s
 
 def import_kaggle(src: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
     """Copy a Kaggle file into data/raw/ as `dataset_1` (atomic; nothing is written on any error)."""
+    from chromoseg.data.validate import check_dataset
+
     s = Path(src)
     images, labels, key = read_kaggle(s)
+    check_dataset(str(s), images, labels)
     path = Path(out) if out is not None else Path("data/raw") / f"{s.stem}.h5"
     if path.exists() and path.resolve() == s.resolve():
         raise DataError(f"{path}: output is the input file; pass a different --out")

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from scipy import ndimage as ndi
 
 from chromoseg import __version__
 from chromoseg.data.io import DataError, write_dataset
 from chromoseg.fsutil import atomic_path
+from chromoseg.geometry import border_pixels, estimate_width
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +56,6 @@ def polygon_mask(points: Polygon, shape: tuple[int, int]) -> np.ndarray:
     img = Image.new("L", (shape[1], shape[0]), 0)
     ImageDraw.Draw(img).polygon([(float(x), float(y)) for x, y in points], fill=255, outline=255)
     return np.asarray(img) > 0
-
-
-def border_pixels(image: np.ndarray) -> np.ndarray:
-    """The outermost rows and columns of an (H, W) image, flattened (for its background level)."""
-    return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-
-
-def estimate_width(mask: np.ndarray) -> float:
-    """Chromosome width in px of an (H, W) bool mask: twice the mean medial-axis distance, minus 1.
-
-    Ridge pixels are the 3x3 local maxima of the Euclidean distance transform that are at least
-    half of its maximum (this skips the thin branches near the ends). The `- 1` corrects the
-    discrete distance (centre pixel to the first background pixel) to the pixel count across.
-    """
-    if not mask.any():
-        return float("nan")
-    dt = ndi.distance_transform_edt(np.pad(mask, 1))
-    ridge = (dt >= ndi.maximum_filter(dt, size=3)) & (dt >= 0.5 * dt.max()) & (dt > 0)
-    return float(2.0 * dt[ridge].mean() - 1.0)
 
 
 def _fail(path: Path, what: str, fix: str) -> DataError:

@@ -34,8 +34,9 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from chromoseg.data.io import read_dataset
-from chromoseg.data.labelme import DEFAULT_TARGET_WIDTH, estimate_width, load_labelme_dir
-from chromoseg.evaluate import overlay
+from chromoseg.data.labelme import DEFAULT_TARGET_WIDTH, load_labelme_dir
+from chromoseg.geometry import estimate_width
+from chromoseg.plots import overlay
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,8 @@ def write_report(
 ) -> Path:
     """Write `dataset_card.md`, `dataset_stats.json` and PNGs into `out_dir`; return the card path."""
     ds = read_dataset(raw)
+    # Both inputs are read before anything is written: a bad folder leaves no partial report.
+    real = None if real_dev is None else load_labelme_dir(real_dev, target_width)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     idx = _sample(len(ds), n_stats)
@@ -229,8 +232,8 @@ def write_report(
     freqs = {"dataset": class_frequencies(ds.labels)}
     sheet_idx = _sample(len(ds), n_sheet)
     Image.fromarray(contact_sheet(ds.images[sheet_idx], ds.labels[sheet_idx])).save(out / "contact_sheet.png")
-    if real_dev is not None:
-        ri, rl, _, _ = load_labelme_dir(real_dev, target_width)
+    if real is not None:
+        ri, rl, _, _ = real
         stats["real-dev"] = dataset_stats(ri, rl)
         freqs["real-dev"] = class_frequencies(rl)
         Image.fromarray(contact_sheet(ri, rl)).save(out / "contact_sheet_real_dev.png")

@@ -6,12 +6,12 @@ The network was trained at the 88 x 88 LowRes scale. Real microscope crops come 
 real-dev images are about twice as large), and an unlabelled image has no polygons to measure. Here
 the chromosome width is measured on the image itself: the foreground is the brighter side of an Otsu
 threshold (the darker side when the border is bright), components under a tenth of the largest are
-dropped, holes are filled, and `estimate_width` (the labelme importer's medial-axis width) is taken
-on that mask. The scale is `REFERENCE_WIDTH / width`, where `REFERENCE_WIDTH` is the median of the
+dropped, holes are filled, and `chromoseg.geometry.estimate_width` (the medial-axis width) is
+taken on that mask. The scale is `REFERENCE_WIDTH / width`, where `REFERENCE_WIDTH` is the median of the
 same measurement on the default synthetic set, so the estimator's own biases (threshold level, the
 wider ridge at a crossing) cancel.
 
-Accuracy (BENCHMARKS E27): on the synthetic test split the measurement divided by the label width
+Accuracy (BENCHMARKS.md): on the synthetic test split the measurement divided by the label width
 has a spread (sd) of 7 %; on the ten real-dev images the scale is within -21 % / +6 % of the one
 derived from the hand-drawn polygons (median -1 %).
 """
@@ -19,45 +19,27 @@ derived from the hand-drawn polygons (median -1 %).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from chromoseg.data.labelme import border_pixels, estimate_width
+from chromoseg.geometry import NoForegroundError, image_width
 
-# Median `image_width` of the default synthetic set (`chromoseg synth`, 2,487 test-split images at
-# 2026-12-05; tests/test_scale.py checks it against the generator). Its label width median is 11.3 px.
+# Median `image_width` of the default synthetic set's test split (`chromoseg synth`; tests/test_scale.py
+# checks it against the generator). Its label width median is 11.3 px.
 REFERENCE_WIDTH = 10.2
-MIN_COMPONENT = 0.1  # components smaller than this fraction of the largest are not chromosomes
 AUTO = "auto"  # a scale measured on each image (`parse_scale`)
+# The training labels' widths span `SynthConfig.width_range` (10.3-14.3 px) around their median
+# 11.3 px; measured on the image that is REFERENCE_WIDTH * (10.3, 14.3) / 11.3, widened by the
+# measurement's own spread (sd 7 %). An image whose chromosomes measure inside that band is at a
+# scale the network was trained on and is left as it is (a resize would only cost a resample).
+LABEL_WIDTH_MEDIAN = 11.3
+MEASUREMENT_SPREAD = 0.07
+TRAINED_WIDTHS = (
+    REFERENCE_WIDTH * 10.3 / LABEL_WIDTH_MEDIAN * (1 - MEASUREMENT_SPREAD),
+    REFERENCE_WIDTH * 14.3 / LABEL_WIDTH_MEDIAN * (1 + MEASUREMENT_SPREAD),
+)
 
 
-class ScaleError(ValueError):
-    """The image shows no chromosome to measure (no contrast, or nothing but specks)."""
-
-
-def foreground_mask(image: np.ndarray) -> np.ndarray:
-    """(H, W) grey -> bool mask of the objects: Otsu threshold, polarity from the border."""
-    from skimage.filters import threshold_otsu
-
-    g = np.asarray(image, dtype=np.float32)
-    if g.ndim != 2:
-        raise ScaleError(f"expected one (H, W) grey image, got shape {g.shape}")
-    if g.size == 0 or float(g.max()) - float(g.min()) < 1e-6:
-        raise ScaleError("the image is uniform (no contrast), so no chromosome width can be measured")
-    t = threshold_otsu(g)
-    fg = g <= t if np.median(border_pixels(g)) > t else g > t
-    lab, n = ndi.label(fg)
-    if n > 1:
-        sizes = ndi.sum(fg, lab, range(1, n + 1))
-        fg = np.isin(lab, 1 + np.flatnonzero(sizes >= MIN_COMPONENT * sizes.max()))
-    return ndi.binary_fill_holes(fg)
-
-
-def image_width(image: np.ndarray) -> float:
-    """Chromosome width in px measured on the grey image (see the module docstring)."""
-    fg = foreground_mask(image)
-    if fg.all():
-        raise ScaleError("the whole image is foreground, so no chromosome width can be measured")
-    return estimate_width(fg)
+# The geometry's "nothing to measure" is the scale's error: one except clause catches both.
+ScaleError = NoForegroundError
 
 
 def auto_scale(image: np.ndarray, reference: float = REFERENCE_WIDTH) -> float:
@@ -86,7 +68,8 @@ def parse_scale(value: str | float | None, default: float | str = 1.0) -> float 
 
 
 def image_scales(images: list[np.ndarray], scale: float | str, names: list[str] | None = None) -> list[float]:
-    """One resize factor per image: `scale` itself, or with ``auto`` each image's measured one.
+    """One resize factor per image: `scale` itself, or with ``auto`` each image's measured one (1
+    when its chromosomes measure inside `TRAINED_WIDTHS`, so images at a training scale stay as they are).
 
     Raises ScaleError naming the image (`names[i]`, else its index) that cannot be measured.
     """
@@ -95,7 +78,9 @@ def image_scales(images: list[np.ndarray], scale: float | str, names: list[str] 
     out = []
     for i, im in enumerate(images):
         try:
-            out.append(auto_scale(im))
+            s = auto_scale(im)
+            trained = TRAINED_WIDTHS[0] <= REFERENCE_WIDTH / s <= TRAINED_WIDTHS[1]
+            out.append(1.0 if trained else s)
         except ScaleError as exc:
             raise ScaleError(f"{names[i] if names else f'image {i}'}: {exc}") from None
     return out

@@ -1,5 +1,9 @@
 """Label checks for Pommier-format datasets: invalid values, stray specks, isolated pixels.
 
+`check_dataset` rejects files that cannot be a LowRes pair set at all (frames smaller than 88 x 88, a
+label channel that is not 0..3); `chromoseg import kaggle` and `prepare` both call it, so a bad file is
+refused at import with the error that `prepare` would give.
+
 `check_labels` finds three kinds of problem in (N, H, W) label arrays, vectorised over the whole array:
 
 - `invalid`: values >= `n_valid` (Pommier's raw file has a few);
@@ -19,14 +23,42 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-from chromoseg.data.io import DataError
+from chromoseg.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
 Policy = Literal["none", "drop", "repair"]
 POLICIES = ("none", "drop", "repair")
 KINDS = ("invalid", "speck", "isolated")
+# Pommier's LowRes frames are 88 x 88 (94 x 93 cleaned); the model is trained and scored at that scale,
+# where one pair spans up to the whole frame. A smaller frame is another scale or a cropped pair.
+MIN_SIDE = 88
+# `repair` and `drop` are meant for stray values (a majority vote of good neighbours). When more than
+# this share of the labelled pixels is out of range, the channel does not hold the 0..3 classes at all
+# (channels swapped, a 0/255 mask) and repairing would turn it into background.
+MAX_INVALID_FRACTION = 0.05
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def check_dataset(source: str, images: np.ndarray, labels: np.ndarray, n_valid: int = 4) -> None:
+    """Raise DataError (one line, naming `source`) unless (N, H, W) uint8 images and labels can be a
+    LowRes pair set: frames of at least `MIN_SIDE` px and labels mostly within 0..n_valid-1."""
+    if images.shape != labels.shape or labels.ndim != 3:
+        raise DataError(f"{source}: images {images.shape} and labels {labels.shape} must both be (N, H, W)")
+    h, w = labels.shape[1:]
+    if min(h, w) < MIN_SIDE:
+        raise DataError(
+            f"{source}: images are {h} x {w} px, expected at least {MIN_SIDE} x {MIN_SIDE} (Pommier's "
+            "LowRes scale, about 11.5 px chromosome width); use the LowRes file or rescale the images"
+        )
+    n_labelled = int(np.count_nonzero(labels))
+    n_invalid = int(np.count_nonzero(labels >= n_valid))
+    if n_invalid > MAX_INVALID_FRACTION * max(n_labelled, 1):
+        raise DataError(
+            f"{source}: {n_invalid} of {n_labelled} labelled pixels have values >= {n_valid} (max "
+            f"{int(labels.max())}); channel 1 must hold the labels 0 background, 1 chromosome A, "
+            "2 chromosome B, 3 overlap: check the file's channel order and label coding"
+        )
 
 
 def _neighbours(a: np.ndarray, fill: int) -> list[np.ndarray]:
