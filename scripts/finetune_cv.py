@@ -91,7 +91,7 @@ def sheet(path: Path, images, labels4, res, order, names, scores, title: str, ab
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from chromoseg.evaluate import COLOURS_4
+    from chromoseg.plots import COLOURS_4
     from chromoseg.labels import canonical_ab, combine_labels, instances_to_labels4
 
     truth4 = canonical_ab(labels4, ab_order)
@@ -153,9 +153,10 @@ def main() -> int:
 
     from chromoseg.config import load_params
     from chromoseg.data.labelme import load_labelme_dir
-    from chromoseg.evaluate import load_any_model, score_output
+    from chromoseg.evaluate import score_output
     from chromoseg.finetune import RealSet, finetune_module, load_init
     from chromoseg.model import cpu_model, exec_plan, set_threads
+    from chromoseg.pipeline import load_model
     from chromoseg.prepare import load_split
 
     params = load_params(args.params)
@@ -176,12 +177,13 @@ def main() -> int:
     plan = exec_plan(params.train.precision, params.train.channels_last)
 
     def scored(model_path: str | Path):
-        predict, combine, ab_order, predictor = load_any_model(str(model_path))
-        sep = getattr(predictor, "separation", "geometry")
+        # As `chromoseg evaluate-external` loads and runs a model (params.yaml's `infer` settings).
+        m = load_model(str(model_path), params.infer)
 
         def on(imgs, labs):
-            res = predict(imgs)
-            return res, score_output(res, labs, ab_order, combine, combine, sep), (ab_order, combine, sep)
+            res = m.predict(imgs)
+            metrics = score_output(res, labs, m.ab_order, m.combine_label, m.combine_label, m.separation)
+            return res, metrics, (m.ab_order, m.combine_label, m.separation)
 
         return on
 
@@ -198,6 +200,8 @@ def main() -> int:
         "platform": platform.platform(),
         "base": str(args.base),
         "finetune": dataclasses.asdict(params.finetune),
+        "infer": dataclasses.asdict(params.infer),
+        "width_from": "labels (each image rescaled by its polygons' width, as `chromoseg import labelme` does)",
         "folds": [{"train": [names[i] for i in a], "test": [names[i] for i in b]} for a, b in folds],
         "synthetic_only": {
             "real_dev": headline(m_base),
@@ -225,7 +229,8 @@ def main() -> int:
                 module, _ = finetune_module(params, ck, real, tr["images"], tr["labels4"], plan)
                 seconds.append(time.perf_counter() - t0)
                 path = Path(tmp) / f"n{size}_f{f}.pt"
-                torch.save({**ck, "state_dict": {k: v.cpu() for k, v in module.state_dict().items()}}, path)
+                state = {k: v.cpu() for k, v in module.state_dict().items()}
+                torch.save({**ck, "train": dataclasses.asdict(ck["train"]), "state_dict": state}, path)
                 model = scored(path)
                 res, _, _ = model(images[test_idx], labels4[test_idx])
                 for k in pooled:
