@@ -91,8 +91,8 @@ def sheet(path: Path, images, labels4, res, order, names, scores, title: str, ab
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from chromoseg.plots import COLOURS_4
     from chromoseg.labels import canonical_ab, combine_labels, instances_to_labels4
+    from chromoseg.plots import COLOURS_4
 
     truth4 = canonical_ab(labels4, ab_order)
     pred4 = instances_to_labels4(np.asarray(res["mask_a"]), np.asarray(res["mask_b"]))

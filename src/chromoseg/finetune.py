@@ -5,10 +5,10 @@ With `finetune.data` set (a set written by `chromoseg import labelme`), the `tra
 `model.pt` checkpoint, weights and architecture), trains `finetune.steps` optimiser steps on batches
 of which a `finetune.real_fraction` share comes from the real set and the rest from the synthetic
 train split (so that what the synthetic set taught is not forgotten), validates on the synthetic val
-split and writes the same outputs as a training run: `models/model.pt` (the init's architecture and
-inference settings), `models/run.json`, `metrics/train.json` and the history CSV, and an MLflow run
-with every parameter, the init model and the real set's hash. `register` then promotes the version
-only through the real-image gate, on images the model was not trained on (`check_gate_disjoint`).
+split and writes the same outputs as a training run: `models/model.pt` (the init's architecture),
+`models/run.json`, `metrics/train.json` and the history CSV, and an MLflow run with every
+parameter, the init model and the real set's hash. `register` then promotes the version only
+through the real-image gate, on images the model was not trained on (`chromoseg.finetune_gate`).
 
 The saved weights are those after the last step (their moving average, `finetune.ema`), not the
 step with the best synthetic validation dice: the synthetic split measures forgetting, not what the
