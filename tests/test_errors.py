@@ -191,7 +191,7 @@ def test_import_kaggle_corrupt_keeps_previous_import(project):
 def _labelme_doc(n_polygons: int) -> dict:
     from PIL import Image
 
-    img = np.full((120, 120), 230, np.uint8)
+    img = np.full((120, 120), 5, np.uint8)  # bright chromosomes on a dark background, as imported
     img[30:90, 50:62] = 80
     img[54:66, 30:90] = 90
     buf = io.BytesIO()

@@ -53,7 +53,10 @@ class _Group(TyperGroup):
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=_Group)
-import_app = typer.Typer(no_args_is_help=True, help="Import real data into data/raw/ in Pommier's format.")
+import_app = typer.Typer(
+    no_args_is_help=True,
+    help="Import real data in Pommier's format (kaggle: data/raw/, labelme: data/real/).",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
 app.add_typer(import_app, name="import")
 app.add_typer(data_app, name="data")
@@ -169,11 +172,20 @@ def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
 
 @app.command()
 def train(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Stage 2: train the U-Net, log the run and the model to MLflow (data-parallel under torchrun)."""
+    """Stage 2: train the U-Net, log the run and the model to MLflow (data-parallel under torchrun).
+
+    With finetune.data set: fine-tune finetune.init on that real set mixed with synthetic images.
+    """
     from chromoseg.train import TrainingInterruptedError, run_train
 
+    p = _params(params)
+    if p.finetune.data:
+        from chromoseg.finetune import run_finetune
+
+        run_stage("train", run_finetune, p)
+        return
     try:
-        run_stage("train", run_train, _params(params))
+        run_stage("train", run_train, p)
     except TrainingInterruptedError as exc:
         fail(str(exc), code=128 + exc.signum)
 
@@ -439,18 +451,42 @@ def import_kaggle_cmd(
 def import_labelme_cmd(
     directory: Annotated[Path, typer.Argument(help="Folder of labelme *.json files (two polygons each).")],
     out: Annotated[
-        Path | None, typer.Option(help="Output HDF5 (default: data/raw/labelme_<dir>.h5).")
+        Path | None, typer.Option(help="Output HDF5 (default: data/real/<dir>.h5, apart from data/raw).")
     ] = None,
     target_width: Annotated[
         float, typer.Option(help="Chromosome width in px after rescaling (the 88 x 88 scale).")
     ] = 11.5,
+    set_params: Annotated[
+        bool,
+        typer.Option(help="Point finetune.data in params.yaml at the new set (only that line changes)."),
+    ] = True,
+    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Import labelme polygon annotations, rescaled to the 88 x 88 LowRes scale (atomic)."""
-    from chromoseg.data.labelme import import_labelme
+    """Import labelme annotations as a real-image set for fine-tuning, at the 88 x 88 scale (atomic).
+
+    Writes data/real/<dir>.h5 and its provenance JSON and sets finetune.data in params.yaml; then
+    `dvc add data/real/<dir>.h5` versions the set and `dvc repro` fine-tunes on it.
+    """
+    from chromoseg.data.labelme import default_real_set_path, import_labelme
+    from chromoseg.finetune import with_finetune_data
+    from chromoseg.fsutil import atomic_path
 
     _output_file(out, "pairs.h5")
-    path = run_guarded(import_labelme, directory, out, target_width)
-    typer.echo(f"wrote {path}; next: dvc add {path.parent}")
+    path = out if out is not None else default_real_set_path(directory)
+    edit = None
+    if set_params and params.is_file():  # checked before anything is written
+        edit = run_guarded(with_finetune_data, params.read_text(), str(path))
+    path, prov = run_guarded(import_labelme, directory, out, target_width)
+    typer.echo(f"wrote {path} (images and labels) and {prov} (source files, hashes, scales)")
+    if edit is None:
+        typer.echo(f"next: dvc add {path} && dvc exp run -S finetune.data={path}")
+        return
+    text, old = edit
+    with atomic_path(params) as tmp:
+        tmp.write_text(text)
+    init = _params(params).finetune.init
+    typer.echo(f"set finetune.data: {path} in {params} (was {old!r}); fine-tuning starts from {init}")
+    typer.echo(f"next: dvc add {path}   (then `dvc repro` fine-tunes on it)")
 
 
 @data_app.command("report")

@@ -169,6 +169,35 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning on an imported real set (`chromoseg import labelme`), see `chromoseg.finetune`.
+
+    With `data` set, the `train` stage starts from `init` (its weights and architecture) instead of
+    training from scratch, and trains `steps` optimiser steps on batches of `batch_size` images, a
+    `real_fraction` share of them from the real set and the rest from the synthetic train split.
+    """
+
+    data: str = ""  # the imported real set (data/real/NAME.h5); "": off, `train` trains from scratch
+    # A registered model (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model) or a model.pt file.
+    init: str = "models:/chromoseg-unet@champion"
+    real_fraction: float = 0.5
+    steps: int = 200
+    batch_size: int = 12
+    lr: float = 3e-4
+    ema: float = 0.99  # moving average of the weights (as train.ema); 0: the last weights
+    # Augmentation of the real images: flips, 90-degree rotations, contrast and noise always, plus an
+    # affine warp with this probability (hand-drawn outlines are loose, so its half-pixel label
+    # error does not matter here as it does for the synthetic labels, see train.affine_p).
+    augment: bool = True
+    affine_p: float = 0.5
+    eval_every: int = 100  # steps between validations on the synthetic val split (logged to MLflow)
+    # register: a fine-tuned version is promoted only through the real-image gate (beating the
+    # champion there by more than register.min_gain) and if its synthetic test score is at most this
+    # much below the champion's (a larger drop means it forgot what the synthetic set taught).
+    max_synthetic_drop: float = 0.01
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str = "sqlite:///mlruns.db"
     artifact_root: str = "mlartifacts"
@@ -185,6 +214,7 @@ class Params:
     infer: InferConfig = field(default_factory=InferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     @property
@@ -328,6 +358,20 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"register.real_tolerance must be in [0, 1), got {p.register.real_tolerance}")
     if not 0.0 <= p.register.min_gain < 1.0:
         raise ConfigError(f"register.min_gain must be in [0, 1), got {p.register.min_gain}")
+    ft = p.finetune
+    if not 0.0 < ft.real_fraction <= 1.0:
+        raise ConfigError(
+            f"finetune.real_fraction is the real share of a batch, in (0, 1]; got {ft.real_fraction}"
+        )
+    if ft.steps < 1 or ft.batch_size < 1 or ft.eval_every < 1:
+        raise ConfigError("finetune.steps, finetune.batch_size and finetune.eval_every must be >= 1")
+    if not ft.lr > 0 or not 0.0 <= ft.ema < 1.0 or not 0.0 <= ft.affine_p <= 1.0:
+        raise ConfigError("finetune.lr must be > 0, finetune.ema in [0, 1) and finetune.affine_p in [0, 1]")
+    if ft.data and not ft.init:
+        raise ConfigError(
+            "finetune.data is set but finetune.init is empty; give the model to start from, e.g. "
+            "models:/chromoseg-unet@champion or a models/model.pt file"
+        )
 
 
 def input_multiple_of(cfg: TrainConfig) -> int:

@@ -175,6 +175,10 @@ def run_register(params: Params) -> dict:
         if not f.is_file():  # checked before MLflow is touched: a failed start leaves no trace there
             raise FileNotFoundError(f"{f}: missing; run `dvc repro evaluate` (train and evaluate) first")
     real = load_real_set(params)  # a bad folder fails here too, before anything is registered
+    if params.finetune.data:  # never gate a fine-tuned model on images it was trained on
+        from chromoseg.finetune_gate import check_gate_disjoint
+
+        check_gate_disjoint(params)
     setup_mlflow(params.mlflow)
     client = mlflow.MlflowClient()
     run_info = json.loads((Path(params.train.out_dir) / "run.json").read_text())
@@ -233,12 +237,22 @@ def run_register(params: Params) -> dict:
             champ_score = registry_score(champ_metrics, kind)[1]
         if real is not None:
             champ_real = _real_score(champ, champ_uri, real, kind, params)
-    promoted, why = promotion(
-        _Side(new_score, new_real),
-        None if champ is None else _Side(champ_score, champ_real),
-        cfg.real_tolerance,
-        cfg.min_gain,
-    )
+    if params.finetune.data:
+        from chromoseg.finetune_gate import finetune_promotion
+
+        promoted, why = finetune_promotion(
+            _Side(new_score, new_real),
+            None if champ is None else _Side(champ_score, champ_real),
+            cfg.min_gain,
+            params.finetune.max_synthetic_drop,
+        )
+    else:
+        promoted, why = promotion(
+            _Side(new_score, new_real),
+            None if champ is None else _Side(champ_score, champ_real),
+            cfg.real_tolerance,
+            cfg.min_gain,
+        )
     if champ is None:
         verdict = f"v{mv.version} ({kind} {new_score:.4f}) becomes {cfg.alias}: {why}"
     else:

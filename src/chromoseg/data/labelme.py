@@ -1,11 +1,15 @@
 """Read labelme polygon annotations of chromosome pairs into Pommier's 88 x 88 format.
 
-This module is the one way to read labelme for both `chromoseg import labelme` and
-`chromoseg evaluate-external --labelme DIR`: `load_labelme_dir` returns arrays at the LowRes scale.
+This module is the one way to read labelme for `chromoseg import labelme`, `chromoseg
+evaluate-external --labelme DIR` and the registry's real-image gate: `load_labelme_dir` returns
+arrays at the LowRes scale.
 
 Each JSON file must hold exactly two polygons labelled `chromosome`: the first is chromosome A, the
 second B; pixels inside both are the overlap (label 3). The grey image comes from the embedded
-`imageData` (base64 PNG) or, when that is empty, from the file at `imagePath` next to the JSON.
+`imageData` (base64 PNG) or, when that is empty, from the file at `imagePath` next to the JSON. It
+must have the size the annotation was drawn on (`imageHeight` x `imageWidth`, and every polygon
+point inside it) and the polarity of the training data: chromosomes brighter than the background
+(fluorescence, as in Pommier's set). Anything else is a `DataError` naming the file.
 
 Rescaling: the pair is cropped around its centre and resampled (antialiased bilinear) so that the
 mean chromosome width, measured on the polygon masks with `estimate_width`, becomes `target_width`
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import logging
@@ -28,7 +33,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from chromoseg import __version__
 from chromoseg.data.io import DataError, write_dataset
+from chromoseg.fsutil import atomic_path
 from chromoseg.geometry import border_pixels, estimate_width
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,9 @@ log = logging.getLogger(__name__)
 LABEL = "chromosome"
 DEFAULT_TARGET_WIDTH = 11.5
 MARGIN = 2  # px kept free around the pair in the output frame
+MIN_CONTRAST = 4.0  # grey levels the chromosomes must be above the background (real-dev: ~70)
+REAL_DIR = "data/real"  # imported real sets: apart from data/raw, which holds the synthetic default
+IMPORTER_VERSION = "2"  # bump when the same labelme files would give different arrays
 WIDTH_SOURCES = ("labels", "image")  # what sets each pair's scale (`load_labelme_dir`)
 
 Polygon = list[tuple[float, float]]
@@ -116,8 +126,50 @@ def _read_image(p: Path, doc: dict) -> np.ndarray:
     arr = np.asarray(img.convert("L"), dtype=np.uint8)
     h, w = doc.get("imageHeight"), doc.get("imageWidth")
     if isinstance(h, int) and isinstance(w, int) and (h, w) != arr.shape:
-        log.warning("%s: image from %s is %s, JSON says %s", p, source, arr.shape, (h, w))
+        raise _fail(
+            p,
+            f"the image ({source}) is {arr.shape[0]} x {arr.shape[1]} px but the polygons were drawn on "
+            f"{h} x {w} (imageHeight x imageWidth)",
+            "open the original image in labelme and save the annotation again",
+        )
     return arr
+
+
+def check_pair(path: Path, image: np.ndarray, poly_a: Polygon, poly_b: Polygon) -> None:
+    """Raise DataError unless the polygons lie on the (H, W) image and the chromosomes are brighter
+    than the background (the polarity every training image has)."""
+    h, w = image.shape
+    for k, poly in enumerate((poly_a, poly_b)):
+        pts = np.asarray(poly)
+        # labelme keeps points within [0, size]; more than a pixel outside means another image size.
+        if (pts < -1).any() or (pts[:, 0] > w + 1).any() or (pts[:, 1] > h + 1).any():
+            x, y = pts[np.argmax(np.maximum(pts[:, 0] - w, pts[:, 1] - h))]
+            raise _fail(
+                path,
+                f"polygon {k} reaches ({x:.0f}, {y:.0f}), outside the {h} x {w} px image",
+                "the polygons were drawn on an image of another size; annotate this image in labelme",
+            )
+    inside = polygon_mask(poly_a, (h, w)) | polygon_mask(poly_b, (h, w))
+    if not inside.any() or inside.all():
+        return  # reported by the caller as a polygon that covers no pixel
+    fg, bg = float(image[inside].mean()), float(np.median(image[~inside]))
+    if not fg > bg + MIN_CONTRAST:
+        raise _fail(
+            path,
+            f"the chromosomes are not brighter than the background (mean grey {fg:.0f} inside the "
+            f"polygons, {bg:.0f} outside)",
+            "chromoseg expects bright chromosomes on a dark background (fluorescence, as Pommier's "
+            "set); invert the image (255 - grey) before annotating",
+        )
+
+
+def polygon_scale(shape: tuple[int, int], poly_a: Polygon, poly_b: Polygon, target_width: float) -> float:
+    """Output px per input px that makes the two polygons' mean width `target_width` px."""
+    ma, mb = polygon_mask(poly_a, shape), polygon_mask(poly_b, shape)
+    width = float(np.nanmean([estimate_width(ma), estimate_width(mb)]))
+    if not np.isfinite(width) or width <= 0:
+        raise ValueError("polygons are empty after rasterisation")
+    return target_width / width
 
 
 def to_lowres(
@@ -135,11 +187,7 @@ def to_lowres(
     """
     h, w = image.shape
     if scale is None:
-        ma, mb = polygon_mask(poly_a, (h, w)), polygon_mask(poly_b, (h, w))
-        width = float(np.nanmean([estimate_width(ma), estimate_width(mb)]))
-        if not np.isfinite(width) or width <= 0:
-            raise ValueError("polygons are empty after rasterisation")
-        scale = target_width / width
+        scale = polygon_scale((h, w), poly_a, poly_b, target_width)
     elif not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     pts = np.asarray(poly_a + poly_b) + 0.5  # continuous coordinates: pixel k spans [k, k + 1)
@@ -180,6 +228,17 @@ def load_labelme_dir(
     measured on the grey image (`chromoseg.data.scale.auto_scale`, what `predict --scale auto` does
     with an unlabelled image), times `target_width / DEFAULT_TARGET_WIDTH`.
     """
+    recs = _load_records(directory, target_width, size, width_from)
+    return (
+        np.stack([r["grey"] for r in recs]),
+        np.stack([r["label"] for r in recs]),
+        np.asarray([r["scale"] for r in recs], np.float64),
+        [r["name"] for r in recs],
+    )
+
+
+def _load_records(directory, target_width: float, size: int, width_from: str) -> list[dict]:
+    """One dict per `*.json` file (sorted by name): arrays at the LowRes scale and their provenance."""
     from chromoseg.data.scale import ScaleError, auto_scale
 
     d = Path(directory)
@@ -192,9 +251,10 @@ def load_labelme_dir(
     files = sorted(d.glob("*.json"))
     if not files:
         raise DataError(f"{d}: no *.json files found; pass the folder that holds the labelme annotations")
-    images, labels, scales, names = [], [], [], []
+    recs = []
     for f in files:
         img, pa, pb = read_labelme(f)
+        check_pair(f, img, pa, pb)
         scale = None
         if width_from == "image":
             try:
@@ -203,30 +263,109 @@ def load_labelme_dir(
                 raise _fail(f, str(exc), "use the polygons' width instead (--width-from labels)") from exc
         try:
             g, lab, s = to_lowres(img, pa, pb, target_width, size, scale)
+            width_scale = polygon_scale(img.shape, pa, pb, target_width) if scale is None else scale
         except ValueError as exc:
             raise _fail(f, str(exc), "re-draw the polygons in labelme") from exc
         if not (lab & 1).any() or not (lab & 2).any():
             raise _fail(f, "a polygon covers no pixel", "re-draw the polygons in labelme")
-        images.append(g)
-        labels.append(lab)
-        scales.append(s)
-        names.append(f.name)
-    return np.stack(images), np.stack(labels), np.asarray(scales, np.float64), names
+        recs.append(
+            {
+                "name": f.name,
+                "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+                "image_sha256": image_sha256(img),
+                "image_shape": list(img.shape),
+                "grey": g,
+                "label": lab,
+                "scale": s,
+                "width_scale": float(width_scale),
+            }
+        )
+    return recs
+
+
+def image_sha256(image: np.ndarray) -> str:
+    """Identity of a decoded (H, W) uint8 grey image, whatever file or encoding it came in."""
+    h = hashlib.sha256(f"{image.shape[0]}x{image.shape[1]}:".encode())
+    h.update(np.ascontiguousarray(image, np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def default_real_set_path(directory: str | os.PathLike[str]) -> Path:
+    """`data/real/<folder name>.h5`; a folder called `labelme` is named after its parent
+    (real-dev/labelme -> data/real/real-dev.h5)."""
+    d = Path(directory).resolve()
+    name = d.name if d.name != "labelme" else d.parent.name
+    return Path(REAL_DIR) / f"{name}.h5"
+
+
+def provenance_path(h5_path: str | os.PathLike[str]) -> Path:
+    """The provenance JSON written next to an imported set: `NAME.h5` -> `NAME.provenance.json`."""
+    p = Path(h5_path)
+    return p.with_name(p.stem + ".provenance.json")
 
 
 def import_labelme(
     directory: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     target_width: float = DEFAULT_TARGET_WIDTH,
-) -> Path:
-    """Convert a labelme folder to `data/raw/NAME.h5` (atomic; nothing is written on any error)."""
+    size: int = 88,
+) -> tuple[Path, Path]:
+    """Convert a labelme folder into a real-image set: `data/real/NAME.h5` (Pommier's format, labels
+    0..3 at the training scale) and `data/real/NAME.provenance.json` next to it.
+
+    Every file is checked before anything is written; both files are written atomically, so on any
+    error nothing in `data/` changes. The output is byte-identical for identical input.
+    """
     d = Path(directory)
-    images, labels, scales, names = load_labelme_dir(d, target_width)
-    # A folder called `labelme` is named after its parent (real-dev/labelme -> labelme_real-dev.h5).
-    name = d.resolve().name if d.resolve().name != "labelme" else d.resolve().parent.name
-    path = Path(out) if out is not None else Path("data/raw") / f"labelme_{name}.h5"
+    recs = _load_records(d, target_width, size, "labels")
+    path = Path(out) if out is not None else default_real_set_path(d)
+    prov_path = provenance_path(path)
+    images = np.stack([r["grey"] for r in recs])
+    labels = np.stack([r["label"] for r in recs])
+    names = [r["name"] for r in recs]
+    scales = np.asarray([r["scale"] for r in recs], np.float64)
     extra = {"scale": scales, "source_name": np.array([n.encode() for n in names], dtype="S")}
-    write_dataset(path, images, labels, source_ids=np.arange(len(names), dtype=np.int32), extra=extra)
-    log.info("wrote %d labelme images %s to %s", len(names), images.shape[1:], path)
-    log.info("next step: dvc add %s", path.parent)
-    return path
+    with atomic_path(prov_path) as prov_tmp:
+        write_dataset(path, images, labels, source_ids=np.arange(len(names), dtype=np.int32), extra=extra)
+        provenance = {
+            "importer": f"chromoseg.data.labelme {IMPORTER_VERSION} (chromoseg {__version__})",
+            "source_dir": _display_path(d),
+            "output": path.name,
+            "output_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "n_images": len(recs),
+            "size": [size, size],
+            "labels": "0 background, 1 chromosome A (first polygon), 2 chromosome B (second), 3 overlap",
+            "target_width_px": target_width,
+            "scale_rule": (
+                "scale (output px per input px) = target_width_px / the mean medial-axis width of the "
+                "two polygons; shrunk further when the pair would not fit the frame with a "
+                f"{MARGIN} px margin (fit_shrink < 1)"
+            ),
+            "images": [
+                {
+                    "index": i,
+                    "file": r["name"],
+                    "sha256": r["sha256"],
+                    "image_sha256": r["image_sha256"],
+                    "image_shape": r["image_shape"],
+                    "scale": round(r["scale"], 6),
+                    "fit_shrink": round(r["scale"] / r["width_scale"], 6),
+                }
+                for i, r in enumerate(recs)
+            ],
+        }
+        prov_tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+    log.info("wrote %d labelme images %s to %s and %s", len(names), images.shape[1:], path, prov_path)
+    return path, prov_path
+
+
+def _display_path(d: Path) -> str:
+    """The source folder relative to the project root when it can be, so provenance files do not
+    carry one machine's absolute paths."""
+    from chromoseg.tracking import project_root
+
+    resolved = d.resolve()
+    try:
+        return os.path.relpath(resolved, project_root())
+    except ValueError:  # another drive (Windows)
+        return str(resolved)
