@@ -69,7 +69,9 @@ def test_repro_runs_all_stages_and_writes_metrics(project):
     assert "iou_chromosomes_pi" in ev
     # The default trains the A/B head, and its split gives the chromosome masks.
     assert params_of(proj)["train"]["ab_aux"] is True and ev["separation"] == "ab_head"
-    assert ev["tta_views"] == 8  # the default predicts with 8-view test-time augmentation
+    # Evaluation predicts with the test-time views params.yaml sets (more than one by default).
+    views = params_of(proj)["infer"]["tta_views"]
+    assert views > 1 and ev["tta_views"] == views
     assert first["predictions_png"]
     assert first["history"].startswith("epoch,train_loss,val_dice")
 
@@ -88,12 +90,13 @@ def test_mlflow_run_and_champion(project):
     assert run.data.metrics["dice"] == pytest.approx(ev["dice"])
     assert "chromoseg.promotion" in run.data.tags
     # The default predicts with test-time augmentation, in evaluation and in the served model alike.
-    assert run.data.tags["eval.tta_views"] == "8"
+    views = params_of(proj)["infer"]["tta_views"]
+    assert views > 1 and run.data.tags["eval.tta_views"] == str(views)
     assert first["register"]["version"] == 1 and first["register"]["promoted"] is True
     mlflow.set_registry_uri(uri)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/chromoseg-unet/1")
-    assert model.unwrap_python_model().predictor.tta_views == 8
+    assert model.unwrap_python_model().predictor.tta_views == views
     from chromoseg.prepare import load_split
 
     test = load_split(proj / "data/prepared", "test")
