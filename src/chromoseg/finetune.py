@@ -276,9 +276,7 @@ class MixSampler:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x float32 (B, 1, H, W), y int64 (B, H, W)) for optimiser step `step`."""
-        from chromoseg.infer import normalize_intensity
-        from chromoseg.labels import canonical_ab, combine_labels
-        from chromoseg.train import crop_around_pair, pad_to_multiple
+        from chromoseg.train import to_batch
 
         seed = self.params.seed * 100_003 + step
         rng = np.random.default_rng(seed)
@@ -293,16 +291,9 @@ class MixSampler:
                 out = tf(image=images[i], mask=labels[i])
                 xs.append(out["image"])
                 ys.append(out["mask"])
-        if self.cfg0.crop:  # the windows around the pair the init model was trained on
-            xs, ys = zip(*(crop_around_pair(a, b, self.cfg0.crop, rng) for a, b in zip(xs, ys, strict=True)))
-        x = np.stack(xs)
-        y = canonical_ab(np.stack(ys), self.params.prepare.ab_order)
-        if self.params.combine_label and not self.cfg0.ab_aux:  # ab_aux: the loss combines them
-            y = combine_labels(y)
-        x, _ = pad_to_multiple(x, self.multiple)
-        y, _ = pad_to_multiple(y, self.multiple)
-        xf = normalize_intensity(x.astype(np.float32) / 255.0, self.cfg0.normalize)
-        return torch.from_numpy(xf)[:, None], torch.from_numpy(y.astype(np.int64))
+        # The init model's own training config: its window, A/B naming and grey normalisation.
+        p = self.params
+        return to_batch(xs, ys, self.cfg0, p.combine_label, p.prepare.ab_order, self.multiple, rng)
 
 
 def _lr_lambda(steps: int):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from chromoseg import distributed as ddp
-from chromoseg.config import Params
+from chromoseg.config import Params, TrainConfig
 from chromoseg.fsutil import atomic_path, write_json
 from chromoseg.infer import Predictor, normalize_intensity
 from chromoseg.labels import canonical_ab, combine_labels
@@ -169,20 +169,34 @@ class BatchSampler:
                 out = self.transform(image=self.images[i], mask=self.labels4[i])
                 xs.append(out["image"])
                 ys.append(out["mask"])
-            if self.cfg.crop:
-                xs, ys = zip(*(crop_around_pair(a, b, self.cfg.crop, rng) for a, b in zip(xs, ys)))
-            x = np.stack(xs)
-            y = canonical_ab(np.stack(ys), self.params.prepare.ab_order)
-            if self.params.combine_label and not self.params.ab_aux:  # ab_aux: the loss combines them
-                y = combine_labels(y)
-            x, _ = pad_to_multiple(x, self.multiple)
-            y, _ = pad_to_multiple(y, self.multiple)
-            xf = x.astype(np.float32) / 255.0
-            xf = normalize_intensity(xf, self.cfg.normalize)
-            yield (
-                torch.from_numpy(xf)[:, None],
-                torch.from_numpy(y.astype(np.int64)),
-            )
+            p = self.params
+            yield to_batch(xs, ys, self.cfg, p.combine_label, p.prepare.ab_order, self.multiple, rng)
+
+
+def to_batch(
+    images: list[np.ndarray],
+    labels4: list[np.ndarray],
+    cfg: TrainConfig,
+    combine_label: bool,
+    ab_order: str,
+    multiple: int,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augmented (H, W) uint8 images and 4-class labels -> x (B, 1, H, W) float32, y (B, H, W) int64.
+
+    Cut to the window around the pair (`cfg.crop`), A and B named by `ab_order`, merged where the
+    loss wants combined labels (not with the A/B head, whose loss merges them), padded to `multiple`
+    and grey-normalised as at inference.
+    """
+    if cfg.crop:
+        images, labels4 = zip(*(crop_around_pair(a, b, cfg.crop, rng) for a, b in zip(images, labels4)))
+    y = canonical_ab(np.stack(labels4), ab_order)
+    if combine_label and not cfg.ab_aux:
+        y = combine_labels(y)
+    x, _ = pad_to_multiple(np.stack(images), multiple)
+    y, _ = pad_to_multiple(y, multiple)
+    xf = normalize_intensity(x.astype(np.float32) / 255.0, cfg.normalize)
+    return torch.from_numpy(xf)[:, None], torch.from_numpy(y.astype(np.int64))
 
 
 def crop_around_pair(
