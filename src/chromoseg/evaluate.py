@@ -133,11 +133,19 @@ def log_to_mlflow(params: Params, metrics: dict, plots: Path, execution: dict[st
     run_file = Path(params.train.out_dir) / "run.json"
     train_run = json.loads(run_file.read_text())["run_id"]
     client = mlflow.MlflowClient()
-    logged = client.get_run(train_run).data.params
+    try:
+        logged = client.get_run(train_run).data.params
+    except mlflow.exceptions.MlflowException as exc:
+        # DVC can restore models/ from its cache after the tracking store was deleted or replaced.
+        raise FileNotFoundError(
+            f"{run_file} names MLflow run {train_run}, which the tracking store {mlflow.get_tracking_uri()} "
+            "does not hold (was the store replaced?); retrain with `dvc repro -f train`"
+        ) from exc
     flat = {k: str(v) for k, v in params.flat().items()}
-    changed = {k for k, v in flat.items() if k.startswith("evaluate.") and logged.get(k, v) != v}
+    # MLflow params are immutable: evaluation or inference settings changed since training get a run
+    # of their own.
+    changed = {k for k, v in flat.items() if k.startswith(("evaluate.", "infer.")) and logged.get(k, v) != v}
     if changed:
-        # MLflow params are immutable: a re-evaluation with new settings gets its own run.
         run = mlflow.start_run(run_name="re-evaluation")
         mlflow.log_params(flat)
         mlflow.set_tag("chromoseg.train_run_id", train_run)
