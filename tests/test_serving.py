@@ -22,7 +22,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from chromoseg.config import TrainConfig
+from chromoseg.config import InferConfig, TrainConfig
 from chromoseg.infer import Predictor
 from chromoseg.model import build_model, exec_plan
 from chromoseg.pipeline import OUTPUT_KEYS, InputError
@@ -89,9 +89,9 @@ def test_load_context_reads_checkpoint_and_model_config(tmp_path: Path, monkeypa
     torch.save({**state, "ab_order": "position"}, ck)
     m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={}))
     assert m.ab_order == m.predictor.ab_order == "position"
-    # Test-time augmentation: the registered model_config's view count, else the infer default (8);
+    # Test-time augmentation: the registered model_config's view count, else the infer default;
     # a checkpoint from before the infer section (its train.tta) is read all the same.
-    assert m.predictor.tta_views == 8
+    assert m.predictor.tta_views == InferConfig().tta_views
     torch.save({**state, "train": {**state["train"], "tta": False}}, ck)
     m.load_context(SimpleNamespace(artifacts={"model": str(ck)}, model_config={"tta_views": 2}))
     assert m.predictor.tta_views == 2
