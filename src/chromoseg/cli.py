@@ -143,8 +143,9 @@ def run_stage(name: str, fn, params: Params):
     except (OSError, ValueError):
         times = {}
     times[name] = seconds
-    STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
-    STAGE_TIMES.write_text(json.dumps(times, indent=1) + "\n")
+    from chromoseg.fsutil import write_json
+
+    write_json(STAGE_TIMES, times)
     return result
 
 
